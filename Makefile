@@ -1,0 +1,58 @@
+# agiproxy: make test | make check | make bench | make install | make install-init
+#
+# PYTHONS="python3.6 /opt/py/bin/python3.12" make test   runs the suite with those interpreters only.
+
+PREFIX ?= /usr/local
+DESTDIR ?=
+CONFIG ?= $(PREFIX)/etc/agiproxy.conf
+PYTHON_VERSIONS = 3.6 3.7 3.8 3.9 3.10 3.11 3.12 3.13
+OLDEST = 3.6
+NEWEST = 3.13
+PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo $$HOME/.pyenv)
+# A real interpreter binary for each version: pyenv's python3.X shims on PATH only answer
+# when PYENV_VERSION names that version, so look under pyenv's versions first.
+FOUND_PYTHONS := $(shell for v in $(PYTHON_VERSIONS); do \
+	p=$$(ls -d $(PYENV_ROOT)/versions/$$v.*/bin/python$$v 2>/dev/null | sort -t. -k3 -n | tail -n 1); \
+	[ -n "$$p" ] || p=$$(command -v python$$v 2>/dev/null); \
+	[ -n "$$p" ] && "$$p" -c "" 2>/dev/null && echo "$$p"; done)
+PYTHONS ?= $(FOUND_PYTHONS)
+PYTHON ?= $(lastword $(PYTHONS))
+
+.PHONY: test check bench install uninstall install-init
+
+test:
+	@if [ "$(origin PYTHONS)" = "file" ]; then \
+	  for v in $(OLDEST) $(NEWEST); do \
+	    case " $(PYTHONS) " in *python$$v" "*) ;; *) echo "make test: Python $$v not found (set PYTHONS=...)"; exit 1;; esac; \
+	  done; fi
+	@set -e; passed=0; failed=0; first=$(firstword $(PYTHONS)); last=$(lastword $(PYTHONS)); \
+	log=$$(mktemp); trap 'rm -f $$log' EXIT; \
+	for py in $(PYTHONS); do \
+	  soak=0; [ "$$py" = "$$first" ] || [ "$$py" = "$$last" ] && soak=1; \
+	  echo "=== $$py ($$("$$py" -V 2>&1)), soak=$$soak"; \
+	  AGIPROXY_SOAK=$$soak "$$py" test_agiproxy.py 2>&1 | tee $$log | tail -n 4; \
+	  line=$$(grep -E '^[0-9]+ passed, [0-9]+ failed' $$log | tail -n 1); \
+	  [ -n "$$line" ] || { echo "$$py: the suite did not finish"; grep -E 'Error|error' $$log | tail -n 5; line="0 passed, 1 failed"; }; \
+	  passed=$$((passed + $$(echo "$$line" | cut -d' ' -f1))); failed=$$((failed + $$(echo "$$line" | cut -d' ' -f3))); \
+	done; \
+	echo "make test: $(words $(PYTHONS)) interpreters"; \
+	echo "$$passed passed, $$failed failed"; \
+	[ $$failed -eq 0 ]
+
+check:
+	$(PYTHON) agiproxy.py -c $(CONFIG) --check
+
+bench:
+	$(PYTHON) bench/bench.py $(BENCH_ARGS)
+
+install:
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/etc
+	install -m 755 agiproxy.py $(DESTDIR)$(PREFIX)/bin/agiproxy
+	@if [ -e $(DESTDIR)$(CONFIG) ]; then \
+	  echo "keeping existing $(DESTDIR)$(CONFIG); the new sample is $(DESTDIR)$(CONFIG).sample"; \
+	  install -m 644 agiproxy.conf.sample $(DESTDIR)$(CONFIG).sample; \
+	else install -m 644 agiproxy.conf.sample $(DESTDIR)$(CONFIG); fi
+
+uninstall:
+	rm -f $(DESTDIR)$(PREFIX)/bin/agiproxy $(DESTDIR)$(CONFIG).sample
+	@echo "left $(DESTDIR)$(CONFIG) in place (your configuration)"

@@ -1,0 +1,1503 @@
+#!/usr/bin/env python3
+"""Tests for agiproxy: real sockets on loopback, real threads, real TLS, real signals.
+
+    python3 test_agiproxy.py            run everything (about a minute)
+    python3 test_agiproxy.py -v Name    one class or test, verbosely
+
+AGIPROXY_SOAK=1 adds the long fuzz and soak runs (``make test`` sets it for the
+oldest and the newest interpreter only).  Standard library only, like agiproxy.
+"""
+
+import codecs
+import collections
+import io
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import unittest
+
+import agiproxy
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROGRAM = os.path.join(HERE, "agiproxy.py")
+#: Upper bound for anything a test waits for.
+TIMEOUT = 10.0
+SOAK = os.environ.get("AGIPROXY_SOAK") == "1"
+HAVE_IPV6 = socket.has_ipv6
+
+
+def ipv6_works():
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+HAVE_IPV6 = HAVE_IPV6 and ipv6_works()
+
+
+###############################################################################
+# Helpers: waiting, logs, fake Asterisk, fake FastAGI servers #################
+###############################################################################
+
+
+def wait_until(predicate, timeout=TIMEOUT, message="condition"):
+    """Poll *predicate* until it is true; fail the test after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %gs waiting for %s" % (timeout, message))
+        time.sleep(0.002)
+
+
+class LogRecorder(logging.Handler):
+    """Keep agiproxy's log records so tests can assert on them."""
+
+    def __init__(self):
+        logging.Handler.__init__(self, logging.DEBUG)
+        self.records = []
+        self.lock_ = threading.Lock()
+
+    def emit(self, record):
+        with self.lock_:
+            self.records.append(record)
+
+    def messages(self, level=logging.DEBUG):
+        with self.lock_:
+            return [r.getMessage() for r in self.records if r.levelno >= level]
+
+    def clear(self):
+        with self.lock_:
+            self.records = []
+
+
+LOG = LogRecorder()
+agiproxy.log.addHandler(LOG)
+agiproxy.log.setLevel(logging.DEBUG)
+agiproxy.log.propagate = False
+
+
+def make_config(text):
+    return agiproxy.parse_config(textwrap.dedent(text), "<test>")
+
+
+def read_header_bytes(sock, deadline):
+    """Read up to the blank line; return (header bytes, rest)."""
+    buffer = b""
+    while agiproxy.header_end(buffer) < 0:
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        chunk = sock.recv(65536)
+        if not chunk:
+            return buffer, b""
+        buffer += chunk
+    end = agiproxy.header_end(buffer)
+    return buffer[:end], buffer[end:]
+
+
+class FakeServer(object):
+    """A FastAGI server on loopback, serving each connection in its own thread.
+
+    By default it reads the header, sends each command of *script* and reads one
+    reply line for it, then closes.  *behaviour(conn, header, server)* replaces
+    that.  ``headers`` and ``replies`` record what each session saw.
+    """
+
+    def __init__(self, script=("ANSWER", "GET VARIABLE CHANNEL"), behaviour=None, host="127.0.0.1",
+                 tls_context=None, backlog=128):
+        self.script = script
+        self.behaviour = behaviour
+        self.tls_context = tls_context
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(backlog)
+        self.host = host
+        self.port = self.sock.getsockname()[1]
+        self.headers = []
+        self.replies = []
+        self.accepted = 0
+        self.lock = threading.Lock()
+        self.release = threading.Event()      # for behaviours that hold a session
+        self.threads = []
+        self.stopping = False
+        self.acceptor = threading.Thread(target=self._accept, daemon=True)
+        self.acceptor.start()
+
+    @property
+    def address(self):
+        return agiproxy.format_address(self.host, self.port)
+
+    def _accept(self):
+        while not self.stopping:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.accepted += 1
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def _serve(self, conn):
+        try:
+            if self.tls_context is not None:
+                conn.settimeout(TIMEOUT)
+                conn = self.tls_context.wrap_socket(conn, server_side=True)
+            header, rest = read_header_bytes(conn, time.monotonic() + TIMEOUT)
+            with self.lock:
+                self.headers.append(header)
+            if self.behaviour is not None:
+                self.behaviour(conn, header, self)
+                return
+            replies = []
+            for command in self.script:
+                conn.sendall(command.encode() + b"\n")
+                line, rest = agiproxy.read_line(conn, time.monotonic() + TIMEOUT, rest)
+                while line == b"HANGUP\n":
+                    line, rest = agiproxy.read_line(conn, time.monotonic() + TIMEOUT, rest)
+                replies.append(line)
+            with self.lock:
+                self.replies.append(replies)
+        except (OSError, ValueError):
+            pass
+        finally:
+            conn.close()
+
+    def stop(self):
+        self.stopping = True
+        self.release.set()
+        self.sock.close()
+        for thread in self.threads:
+            thread.join(TIMEOUT)
+
+
+Transcript = collections.namedtuple("Transcript", "commands failed status")
+
+
+def asterisk(port, header=None, host="127.0.0.1", tls_context=None, timeout=TIMEOUT, hangup_after=None,
+             server_hostname=None):
+    """Behave like Asterisk: send *header*, answer each command with 200, until the server closes.
+
+    Returns the commands received, whether the session ended with FAILURE, and
+    the value given to AGIPROXY_STATUS by SET VARIABLE, if any."""
+    header = header or trace_header("a-plain")
+    sock = socket.create_connection((host, port), timeout)
+    if tls_context is not None:
+        sock = tls_context.wrap_socket(sock, server_hostname=server_hostname or host)
+    commands, failed, status = [], False, None
+    deadline = time.monotonic() + timeout
+    try:
+        sock.sendall(header)
+        rest = b""
+        while True:
+            line, rest = agiproxy.read_line(sock, deadline, rest)
+            if not line:
+                break
+            if line.lower().startswith(b"failure"):
+                failed = True
+                break
+            commands.append(line.rstrip(b"\n"))
+            match = re.match(rb"SET VARIABLE AGIPROXY_STATUS (\w+)", line)
+            if match:
+                status = match.group(1).decode()
+            sock.sendall(b"200 result=1\n" if match else b"200 result=0\n")
+            if hangup_after is not None and len(commands) == hangup_after:
+                sock.sendall(b"HANGUP\n")
+        try:
+            sock.sendall(b"HANGUP\n")    # as Asterisk does once the script side has closed
+        except OSError:
+            pass
+    finally:
+        sock.close()
+    return Transcript(commands, failed, status)
+
+
+###############################################################################
+# Real Asterisk traces ########################################################
+###############################################################################
+
+def parse_trace(text):
+    """Return [(direction, bytes)] from a trace: 'A>S'/'S>A' chunks, b'' for <EOF>."""
+    events = []
+    for line in text.splitlines():
+        match = re.match(r"^(?:\+[\d.]+)?\s+(A>S|S>A) (.*)$", line)
+        if not match:
+            continue
+        direction, payload = match.groups()
+        if payload == "<EOF>":
+            events.append((direction, b""))
+        else:
+            data = codecs.decode(payload.encode("latin-1"), "unicode_escape").encode("latin-1")
+            if events and events[-1][0] == direction and events[-1][1]:
+                events[-1] = (direction, events[-1][1] + data)
+            else:
+                events.append((direction, data))
+    return events
+
+
+def trace_header(name):
+    """The header bytes Asterisk sent in trace *name*."""
+    return parse_trace(TRACES[name])[0][1]
+
+
+def recv_exactly(sock, size, deadline):
+    data = b""
+    while len(data) < size:
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def expect_eof(sock, deadline):
+    sock.settimeout(max(deadline - time.monotonic(), 0.001))
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def replay_side(sock, events, me, deadline):
+    """Play one side of a trace over *sock*; return the mismatches seen (empty when byte-exact)."""
+    problems = []
+    for direction, data in events:
+        mine = direction.startswith(me)
+        if mine and data:
+            sock.sendall(data)
+        elif mine:
+            if me == "S":
+                sock.close()        # the FastAGI server closes: nothing after this reaches it
+                return problems
+            sock.shutdown(socket.SHUT_WR)
+        elif data:
+            got = recv_exactly(sock, len(data), deadline)
+            if got != data:
+                problems.append("%s expected %r, got %r" % (me, data, got))
+                return problems
+        else:
+            if not expect_eof(sock, deadline):
+                problems.append("%s expected EOF" % me)
+            if me == "A":           # after the server's EOF Asterisk writes HANGUP; it must not matter
+                try:
+                    sock.sendall(b"HANGUP\n")
+                except OSError:
+                    pass
+            return problems
+    return problems
+
+
+###############################################################################
+# Pure logic: configuration ###################################################
+###############################################################################
+
+BASIC = """
+    [agiproxy]
+    listen = 127.0.0.1:0
+
+    [pool main]
+    servers = 127.0.0.1:%d
+
+    [route all]
+    path = *
+    pool = main
+"""
+
+
+class ConfigTest(unittest.TestCase):
+
+    def test_defaults(self):
+        config = make_config("[agiproxy]\n")
+        settings = config.settings
+        self.assertEqual(settings.listen, [("127.0.0.1", 4573)])
+        self.assertEqual(settings.backlog, 1024)
+        self.assertEqual(settings.header_timeout, 5)
+        self.assertEqual(settings.idle_timeout, 0)
+        self.assertEqual(settings.failure_variable, "AGIPROXY_STATUS")
+        self.assertFalse(settings.forwarded_for)
+        self.assertEqual(config.routes, [])
+
+    def test_listen_ipv4_and_ipv6(self):
+        config = make_config("[agiproxy]\nlisten = 127.0.0.1:4573, [::1]:4574\n  0.0.0.0\n")
+        self.assertEqual(config.settings.listen, [("127.0.0.1", 4573), ("::1", 4574), ("0.0.0.0", 4573)])
+
+    def test_addresses(self):
+        parse = agiproxy.parse_address
+        self.assertEqual(parse("10.0.0.2"), ("10.0.0.2", 4573))
+        self.assertEqual(parse("agi.example.com:4600"), ("agi.example.com", 4600))
+        self.assertEqual(parse("[2001:db8::1]:5000"), ("2001:db8::1", 5000))
+        self.assertEqual(parse("2001:db8::1"), ("2001:db8::1", 4573))
+        for bad in ("host:port", "1.2.3.4:99999", "a b", "2001:db8::zz", "[::1]:x"):
+            self.assertRaises(ValueError, parse, bad)
+
+    def test_durations(self):
+        self.assertEqual(agiproxy.parse_duration("500ms"), 0.5)
+        self.assertEqual(agiproxy.parse_duration("2"), 2)
+        self.assertEqual(agiproxy.parse_duration("1.5s"), 1.5)
+        self.assertEqual(agiproxy.parse_duration("5m"), 300)
+        self.assertRaises(ValueError, agiproxy.parse_duration, "soon")
+
+    def test_server_lines(self):
+        config = make_config("""
+            [agiproxy]
+            [pool billing]
+            mode = least-sessions
+            servers =
+                10.0.0.1:4573 weight=2 max=100
+                10.0.0.2              ; port defaults to 4573
+                10.0.0.9:4573 backup  ; used only when no primary server can take the session
+            [route billing]
+            path = billing
+            pool = billing
+        """)
+        servers = config.pools["billing"].servers
+        self.assertEqual([(s.host, s.port, s.weight, s.max, s.backup) for s in servers],
+                         [("10.0.0.1", 4573, 2, 100, False), ("10.0.0.2", 4573, 1, 0, False),
+                          ("10.0.0.9", 4573, 1, 0, True)])
+
+    def assertConfigError(self, text, *fragments):
+        with self.assertRaises(agiproxy.ConfigError) as caught:
+            make_config(text)
+        for fragment in fragments:
+            self.assertIn(fragment, str(caught.exception))
+        return str(caught.exception)
+
+    def test_errors_name_file_line_section_and_key(self):
+        self.assertConfigError("[agiproxy]\nheader_timeout = soon\n",
+                               "<test>:2: [agiproxy] header_timeout", "duration", "'soon'")
+        self.assertConfigError("[agiproxy]\nlisen = 1.2.3.4\n", "<test>:2: [agiproxy] lisen", "unknown key")
+        self.assertConfigError("[agiproxy]\n[pool a]\nservers = 1.2.3.4 wieght=2\n",
+                               "<test>:3: [pool a] servers", "wieght=2")
+        self.assertConfigError("[agiproxy]\n[pool a]\nmode = fastest\nservers = h\n", "[pool a] mode",
+                               "failover, round-robin, least-sessions, hash")
+        self.assertConfigError("[agiproxy]\n\n[route r]\npath = x\npool = nowhere\n",
+                               "<test>:5: [route r] pool", "no section [pool nowhere]")
+        self.assertConfigError("[agiproxy]\n[pool a]\nservers = h\n[route r]\npool = a\n", "[route r]",
+                               "path = *")
+        self.assertConfigError("[agiproxy]\n[route r]\nmatch = ^(unclosed\npool = a\n", "[route r] match",
+                               "regular expression")
+        self.assertConfigError("[agiproxy]\n[pool a]\nservers = h\n[route r]\nmatch = ^/(x)$\n"
+                               "rewrite = /{2}\npool = a\n", "[route r] rewrite", "{2}")
+        self.assertConfigError("[agiproxy]\n[listener x]\n", "unknown section")
+        self.assertConfigError("[agiproxy]\n[agiproxy]\n", "<test>", "already exists")
+        self.assertConfigError("no sections at all\n", "<test>")
+        self.assertConfigError("[pool a]\nservers = h\n", "missing section [agiproxy]")
+
+    def test_missing_file_is_a_config_error(self):
+        with self.assertRaises(agiproxy.ConfigError) as caught:
+            agiproxy.load_config("/nonexistent/agiproxy.conf")
+        self.assertIn("/nonexistent/agiproxy.conf", str(caught.exception))
+
+    def test_sample_config_is_valid_and_documents_every_key(self):
+        sample = os.path.join(HERE, "agiproxy.conf.sample")
+        config = agiproxy.load_config(sample)
+        self.assertTrue(config.routes)
+        with open(sample) as handle:
+            text = handle.read()
+        for table in (agiproxy.GLOBAL_OPTIONS, agiproxy.POOL_OPTIONS, agiproxy.ROUTE_OPTIONS):
+            for key, (_, default) in table.items():
+                self.assertRegex(text, r"(?m)^[;#]?\s*%s\s*=" % re.escape(key), "%s not documented" % key)
+
+
+###############################################################################
+# Pure logic: header, URL, router, rewrite ####################################
+###############################################################################
+
+
+class HeaderTest(unittest.TestCase):
+
+    def test_real_traces_parse(self):
+        for name in TRACES:
+            data = trace_header(name)
+            header = agiproxy.AgiHeader.parse(data)
+            self.assertEqual(header.encode(), data, name)     # forwarded byte for byte
+            self.assertEqual(header.get("agi_network"), "yes")
+            self.assertTrue(header.get("agi_request").startswith("agi://127.0.0.1:4600"), name)
+        plain = agiproxy.AgiHeader.parse(trace_header("a-plain"))
+        self.assertEqual(plain.get("agi_arg_2"), "beta gamma")
+        self.assertEqual(plain.get("agi_accountcode"), "")
+        self.assertNotIn("agi_network_script", agiproxy.AgiHeader.parse(trace_header("h-no-path")).variables)
+
+    def test_header_end(self):
+        self.assertEqual(agiproxy.header_end(b"agi_a: 1\nagi_b: 2\n\nHANGUP\n"), 19)
+        self.assertEqual(agiproxy.header_end(b"agi_a: 1\r\nagi_b: 2\r\n\r\n"), 22)
+        self.assertEqual(agiproxy.header_end(b"agi_a: 1\r\n\n"), 11)
+        self.assertEqual(agiproxy.header_end(b"agi_a: 1\n"), -1)
+        self.assertEqual(agiproxy.header_end(b"\n"), 1)
+
+    def test_crlf_and_non_utf8_kept(self):
+        data = b"agi_network: yes\r\nagi_request: agi://h/x\r\nagi_calleridname: J\xf6rg\r\n\r\n"
+        header = agiproxy.AgiHeader.parse(data)
+        self.assertEqual(header.get("agi_request"), "agi://h/x")
+        self.assertEqual(header.encode(), data)
+        self.assertEqual(agiproxy.encode(header.get("agi_calleridname")), b"J\xf6rg")
+        rewritten = header.encode({"agi_request": "agi://h/y"})
+        self.assertEqual(rewritten, data.replace(b"/x", b"/y"))
+
+    def test_garbage_rejected(self):
+        for bad in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"agi_x: 1\x00\n\n", b"no colon here\n\n",
+                    b"\x16\x03\x01\x02\x00\n\n"):
+            self.assertRaises(agiproxy.HeaderError, agiproxy.AgiHeader.parse, bad)
+
+    def test_rewrite_inserts_network_script_before_request(self):
+        header = agiproxy.AgiHeader.parse(trace_header("h-no-path"))
+        out = header.encode({"agi_request": "agi://h/new", "agi_network_script": "new"}).split(b"\n")
+        self.assertEqual(out[:3], [b"agi_network: yes", b"agi_network_script: new", b"agi_request: agi://h/new"])
+
+    def test_append_goes_last(self):
+        header = agiproxy.AgiHeader.parse(trace_header("a-plain"))
+        out = header.encode(append=[("agi_x_fwd_for", "1.2.3.4:5")])
+        self.assertTrue(out.endswith(b"agi_arg_2: beta gamma\nagi_x_fwd_for: 1.2.3.4:5\n\n"))
+
+
+class RequestTest(unittest.TestCase):
+
+    def test_parse(self):
+        parse = agiproxy.parse_request
+        self.assertEqual(parse("agi://127.0.0.1:4600/path/script?x=1&y=2"),
+                         ("agi", "127.0.0.1", 4600, "/path/script", "x=1&y=2"))
+        self.assertEqual(parse("hagi://billing/charge"), ("hagi", "billing", None, "/charge", ""))
+        self.assertEqual(parse("agi://[2001:db8::5]:4573/x?q"), ("agi", "2001:db8::5", 4573, "/x", "q"))
+        self.assertEqual(parse("agi://[::1]/"), ("agi", "::1", None, "/", ""))
+        self.assertEqual(parse("AGI://host"), ("AGI", "host", None, "", ""))
+        self.assertEqual(parse("agi://host?x=1"), ("agi", "host", None, "", "x=1"))
+        for bad in ("http://host/x", "agi:/host", "/var/lib/asterisk/agi-bin/x.agi", "agi://a:b:c/"):
+            self.assertRaises(ValueError, parse, bad)
+
+    def test_script_and_url(self):
+        request = agiproxy.parse_request("agi://127.0.0.1:4600/path/script?x=1&y=2")
+        self.assertEqual(request.script, "path/script?x=1&y=2")   # as Asterisk writes agi_network_script
+        self.assertEqual(request.url(), "agi://127.0.0.1:4600/path/script?x=1&y=2")
+        self.assertEqual(request.url("[::1]:9"), "agi://[::1]:9/path/script?x=1&y=2")
+
+
+def route_for(config, url, **variables):
+    upstreams = agiproxy.Upstreams(config)
+    variables.setdefault("agi_request", url)
+    route, groups = upstreams.router.route(agiproxy.parse_request(url), variables)
+    return route.name if route else None
+
+
+ROUTES = """
+    [agiproxy]
+    [pool a]
+    servers = 127.0.0.1:1
+    [route billing]
+    path = billing
+    pool = a
+    [route billing-eu]
+    path = billing/eu
+    pool = a
+    [route slash]
+    path = /ivr/
+    pool = a
+    [route any]
+    path = *
+    pool = a
+"""
+
+
+class RouterTest(unittest.TestCase):
+
+    def test_path_semantics_of_agitator(self):
+        config = make_config(ROUTES)
+        self.assertEqual(route_for(config, "agi://p/billing"), "billing")
+        self.assertEqual(route_for(config, "agi://p/billing/x/y?z=1"), "billing")
+        self.assertEqual(route_for(config, "agi://p/billing/"), "billing")
+        self.assertEqual(route_for(config, "agi://p/billing/eu/charge"), "billing-eu")   # longest wins
+        self.assertEqual(route_for(config, "agi://p/billingx"), "any")       # whole segments only
+        self.assertEqual(route_for(config, "agi://p/Billing"), "any")        # case-sensitive
+        self.assertEqual(route_for(config, "agi://p/ivr/menu"), "slash")     # slashes in path = are optional
+        self.assertEqual(route_for(config, "agi://p"), "any")
+
+    def test_longest_path_wins_whatever_the_file_order(self):
+        config = make_config(ROUTES.replace("[route billing]", "[route zz]"))
+        self.assertEqual(route_for(config, "agi://p/billing/eu"), "billing-eu")
+
+    def test_no_route(self):
+        config = make_config(ROUTES.replace("path = *", "path = other"))
+        self.assertIsNone(route_for(config, "agi://p/nothing"))
+
+    def test_conditions_host_regex_variables_and_precedence(self):
+        config = make_config(ROUTES + """
+            [route pstn]
+            agi_context = ^from-pstn$
+            path = billing
+            pool = a
+            [route named]
+            host = billing
+            pool = a
+            [route ivr]
+            match = ^/ivr/(?P<lang>\\w+)/(\\d+)$
+            pool = a
+        """)
+        # conditional routes are tried first, in file order, and beat longer paths
+        self.assertEqual(route_for(config, "agi://p/billing/eu", agi_context="from-pstn"), "pstn")
+        self.assertEqual(route_for(config, "agi://p/billing/eu", agi_context="internal"), "billing-eu")
+        self.assertEqual(route_for(config, "agi://billing/x"), "named")
+        self.assertEqual(route_for(config, "agi://BILLING:4573/x"), "named")
+        self.assertEqual(route_for(config, "agi://p/ivr/en/42"), "ivr")
+        self.assertEqual(route_for(config, "agi://p/ivr/en/x"), "slash")
+        self.assertEqual(route_for(config, "agi://billing/billing", agi_context="from-pstn"), "pstn")
+
+    def test_missing_variable_does_not_match(self):
+        config = make_config("[agiproxy]\n[pool a]\nservers = h\n[route r]\nagi_x_custom = .*\npool = a\n")
+        self.assertIsNone(route_for(config, "agi://p/x"))
+        self.assertEqual(route_for(config, "agi://p/x", agi_x_custom=""), "r")
+
+    def test_rewrite_templates(self):
+        config = make_config("""
+            [agiproxy]
+            [pool a]
+            servers = h
+            [route ivr]
+            match = ^/ivr/(?P<lang>\\w+)/(\\d+)$
+            rewrite = /v2/{lang}/{2}?{query}&cid={agi_callerid}&p={path}&{{x}}
+            pool = a
+            [route plain]
+            path = *
+            rewrite = /fixed
+            pool = a
+        """)
+        route = config.routes[0]
+        request = agiproxy.parse_request("agi://p/ivr/de/42?a=1")
+        groups = route.match(request, {"agi_callerid": "100"})
+        self.assertEqual(route.rewritten(request, {"agi_callerid": "100"}, groups),
+                         ("/v2/de/42", "a=1&cid=100&p=/ivr/de/42&{x}"))
+        request = agiproxy.parse_request("agi://p/any?x=1")
+        self.assertEqual(config.routes[1].rewritten(request, {}, {}), ("/fixed", ""))
+
+
+###############################################################################
+# Pure logic: balancing, max, backup, health ##################################
+###############################################################################
+
+
+def pool_of(servers, mode="failover", extra=""):
+    config = make_config("[agiproxy]\n[pool p]\nmode = %s\n%s\nservers =\n    %s\n[route r]\npath = *\npool = p\n"
+                         % (mode, extra, "\n    ".join(servers)))
+    return agiproxy.Upstreams(config).pools["p"]
+
+
+def pick(pool, variables=None, now=0.0):
+    member, reason = pool.reserve(pool.order(variables or {}), [], now)
+    return member.name if member else reason
+
+
+class BalancingTest(unittest.TestCase):
+
+    def distribution(self, pool, count, release=True, variables=None):
+        counts = collections.Counter()
+        for number in range(count):
+            member, _ = pool.reserve(pool.order(variables(number) if variables else {}), [], 0.0)
+            counts[member.name] += 1
+            if release:
+                member.state.active -= 1
+        return counts
+
+    def test_failover_always_first(self):
+        pool = pool_of(["10.0.0.1", "10.0.0.2"])
+        self.assertEqual(self.distribution(pool, 10), {"10.0.0.1:4573": 10})
+
+    def test_round_robin_weights(self):
+        pool = pool_of(["10.0.0.1 weight=2", "10.0.0.2", "10.0.0.3"], "round-robin")
+        self.assertEqual(self.distribution(pool, 400), {"10.0.0.1:4573": 200, "10.0.0.2:4573": 100,
+                                                         "10.0.0.3:4573": 100})
+        order = [pick(pool) for _ in range(4)]     # smooth: never the same twice in a row here
+        self.assertEqual(len(set(order[:2])), 2)
+
+    def test_least_sessions(self):
+        pool = pool_of(["10.0.0.1", "10.0.0.2 weight=2", "10.0.0.3"], "least-sessions")
+        counts = self.distribution(pool, 400, release=False)     # sessions pile up
+        self.assertEqual(counts, {"10.0.0.1:4573": 100, "10.0.0.2:4573": 200, "10.0.0.3:4573": 100})
+
+    def test_hash_is_sticky_and_consistent(self):
+        pool = pool_of(["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"], "hash")
+        keys = ["call-%d" % n for n in range(2000)]
+        first = {k: pick(pool, {"agi_uniqueid": k}) for k in keys}
+        self.assertEqual(first, {k: pick(pool, {"agi_uniqueid": k}) for k in keys})   # sticky
+        counts = collections.Counter(first.values())
+        self.assertEqual(len(counts), 4)
+        self.assertTrue(all(400 < n < 600 for n in counts.values()), counts)
+        smaller = pool_of(["10.0.0.1", "10.0.0.2", "10.0.0.3"], "hash")
+        moved = [k for k in keys if first[k] != "10.0.0.4:4573" and pick(smaller, {"agi_uniqueid": k}) != first[k]]
+        self.assertEqual(moved, [])         # only the removed server's calls move
+
+    def test_hash_on_another_variable(self):
+        pool = pool_of(["10.0.0.1", "10.0.0.2", "10.0.0.3"], "hash", "hash = agi_callerid")
+        picks = {pick(pool, {"agi_callerid": "555", "agi_uniqueid": str(n)}) for n in range(50)}
+        self.assertEqual(len(picks), 1)
+
+    def test_max_then_next_then_busy(self):
+        pool = pool_of(["10.0.0.1 max=2", "10.0.0.2 max=1"])
+        self.assertEqual([pick(pool) for _ in range(4)], ["10.0.0.1:4573", "10.0.0.1:4573", "10.0.0.2:4573", "BUSY"])
+
+    def test_backup_only_when_no_primary_can(self):
+        pool = pool_of(["10.0.0.1 max=1", "10.0.0.9 backup"], "round-robin")
+        self.assertEqual(pick(pool), "10.0.0.1:4573")
+        self.assertEqual(pick(pool), "10.0.0.9:4573")      # primary full
+        pool.members[0].state.active = 0
+        self.assertEqual(pick(pool), "10.0.0.1:4573")      # primary free again: back to it
+        pool.members[0].state.mark_down(0.0, "test", 1, 30)
+        pool.members[0].state.active = 0
+        self.assertEqual(pick(pool, now=0.5), "10.0.0.9:4573")   # primary down
+
+    def test_down_everywhere_is_noupstream(self):
+        pool = pool_of(["10.0.0.1", "10.0.0.2"])
+        for member in pool.members:
+            member.state.mark_down(0.0, "test", 5, 30)
+        self.assertEqual(pick(pool, now=1.0), "NOUPSTREAM")
+
+
+class HealthStateTest(unittest.TestCase):
+
+    def test_backoff_grows_to_cap_and_half_open_allows_one(self):
+        state = agiproxy.ServerState("h", 1, False)
+        self.assertTrue(state.mark_down(100.0, "refused", 1, 5))
+        self.assertFalse(state.available(100.5, True))
+        self.assertTrue(state.available(101.0, True))
+        state.trial = True                                   # one session is trying
+        self.assertFalse(state.available(101.0, True))
+        backoffs = []
+        for _ in range(5):
+            self.assertFalse(state.mark_down(200.0, "refused", 1, 5))
+            backoffs.append(state.backoff)
+        self.assertEqual(backoffs, [2, 4, 5, 5, 5])
+        self.assertFalse(state.available(1000.0, False))     # with active checks: no trials
+        self.assertTrue(state.mark_up())
+        self.assertTrue(state.available(0.0, False))
+
+
+###############################################################################
+# Sessions through a real proxy ###############################################
+###############################################################################
+
+
+class ProxyCase(unittest.TestCase):
+    """Start servers and an in-process proxy on loopback; everything is stopped after the test."""
+
+    def setUp(self):
+        LOG.clear()
+
+    def server(self, *args, **kwargs):
+        server = FakeServer(*args, **kwargs)
+        self.addCleanup(server.stop)
+        return server
+
+    def proxy(self, text, *servers):
+        """Start a proxy for config *text* (``%d``/``%s`` filled with the servers' ports)."""
+        text = textwrap.dedent(text)
+        if servers:
+            text = text % tuple(s.port for s in servers)
+        proxy = agiproxy.Proxy(agiproxy.parse_config(text, "<test>"))
+        proxy.bind()
+        proxy.serve()
+        self.addCleanup(proxy.shutdown)
+        return proxy
+
+    @staticmethod
+    def port(proxy, index=0):
+        return proxy.addresses[index][2]
+
+    def assertIdle(self, proxy):
+        """Every slot given back: no live session, no active count anywhere."""
+        def idle():
+            with proxy.lock:
+                return not proxy.sessions and proxy.active == 0 and \
+                    all(s.active == 0 for s in proxy.upstreams.states.values())
+        wait_until(idle, message="sessions to end and counts to return to zero")
+
+
+class SessionTest(ProxyCase):
+
+    def test_end_to_end_header_byte_for_byte(self):
+        upstream = self.server()
+        proxy = self.proxy(BASIC, upstream)
+        header = trace_header("a-plain")
+        transcript = asterisk(self.port(proxy), header)
+        self.assertEqual(transcript.commands, [b"ANSWER", b"GET VARIABLE CHANNEL"])
+        self.assertFalse(transcript.failed)
+        self.assertEqual(upstream.headers, [header])
+        self.assertEqual(upstream.replies, [[b"200 result=0\n", b"200 result=0\n"]])
+        self.assertIdle(proxy)
+        wait_until(lambda: any(m.startswith("session client=127.0.0.1:") and 'end="upstream closed"' in m
+                               and "bytes_up=26 bytes_down=28" in m for m in LOG.messages()),
+                   message="access log line")
+
+    def test_many_concurrent_sessions(self):
+        upstream = self.server()
+        proxy = self.proxy(BASIC, upstream)
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(asterisk(self.port(proxy))))
+                   for _ in range(40)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(TIMEOUT)
+        self.assertEqual(len(results), 40)
+        self.assertTrue(all(r.commands == [b"ANSWER", b"GET VARIABLE CHANNEL"] for r in results))
+        self.assertIdle(proxy)
+
+    @unittest.skipUnless(HAVE_IPV6, "no IPv6 loopback")
+    def test_ipv6_listener_and_upstream(self):
+        upstream = self.server(host="::1")
+        proxy = self.proxy("""
+            [agiproxy]
+            listen = [::1]:0, 127.0.0.1:0
+            [pool main]
+            servers = [::1]:%d
+            [route all]
+            path = *
+            pool = main
+        """, upstream)
+        self.assertEqual(asterisk(self.port(proxy, 0), host="::1").commands[0], b"ANSWER")
+        self.assertEqual(asterisk(self.port(proxy, 1)).commands[0], b"ANSWER")
+        self.assertEqual(len(upstream.headers), 2)
+
+    def test_forwarded_for_appends_to_the_chain(self):
+        upstream = self.server()
+        proxy = self.proxy(BASIC.replace("listen = 127.0.0.1:0", "listen = 127.0.0.1:0\nforwarded_for = yes"),
+                           upstream)
+        header = trace_header("a-plain")
+        asterisk(self.port(proxy), header)
+        chained = header[:-1] + b"agi_x_fwd_for: 10.1.1.1:5000\n\n"
+        asterisk(self.port(proxy), chained)
+        first, second = upstream.headers
+        self.assertRegex(first, rb"agi_arg_2: beta gamma\nagi_x_fwd_for: 127\.0\.0\.1:\d+\n\n$")
+        self.assertTrue(first.startswith(header[:-1]))
+        self.assertRegex(second, rb"agi_x_fwd_for: 10\.1\.1\.1:5000, 127\.0\.0\.1:\d+\n\n$")
+        self.assertEqual(second.count(b"agi_x_fwd_for"), 1)
+
+    def test_rewrite_changes_request_and_network_script_only(self):
+        upstream = self.server()
+        proxy = self.proxy("""
+            [agiproxy]
+            listen = 127.0.0.1:0
+            [pool main]
+            servers = 127.0.0.1:%d
+            [route ivr]
+            match = ^/path/(?P<name>\\w+)$
+            rewrite = /v2/{name}?{query}&cid={agi_callerid}
+            pool = main
+        """, upstream)
+        header = trace_header("a-plain")
+        asterisk(self.port(proxy), header)
+        expected = header.replace(b"agi_network_script: path/script?x=1&y=2",
+                                  b"agi_network_script: v2/script?x=1&y=2&cid=1001")
+        expected = expected.replace(b"agi_request: agi://127.0.0.1:4600/path/script?x=1&y=2",
+                                    b"agi_request: agi://127.0.0.1:4600/v2/script?x=1&y=2&cid=1001")
+        self.assertEqual(upstream.headers, [expected])
+
+    def test_rewrite_host_names_the_upstream(self):
+        upstream = self.server()
+        proxy = self.proxy(BASIC.replace("pool = main", "pool = main\nrewrite_host = yes"), upstream)
+        header = trace_header("a-plain")
+        asterisk(self.port(proxy), header)
+        self.assertEqual(upstream.headers, [header.replace(b"agi://127.0.0.1:4600/",
+                                                           b"agi://127.0.0.1:%d/" % upstream.port)])
+
+    def test_hangup_and_520_blocks_pass_through(self):
+        usage = b"520-Invalid command syntax.  Proper usage follows:\nSend the file.\n  <value>x</value>\n" \
+                b"520 End of proper usage.\n"
+
+        def behaviour(conn, header, server):
+            conn.sendall(b"STREAM FILE\n")
+            server.replies.append(recv_exactly(conn, len(usage) + 7, time.monotonic() + TIMEOUT))
+
+        upstream = self.server(behaviour=behaviour)
+        proxy = self.proxy(BASIC, upstream)
+        sock = socket.create_connection(("127.0.0.1", self.port(proxy)), TIMEOUT)
+        with sock:
+            sock.sendall(trace_header("a-plain"))
+            self.assertEqual(recv_exactly(sock, 12, time.monotonic() + TIMEOUT), b"STREAM FILE\n")
+            sock.sendall(b"HANGUP\n")
+            sock.sendall(usage[:40])
+            sock.sendall(usage[40:])
+            self.assertTrue(expect_eof(sock, time.monotonic() + TIMEOUT))
+        self.assertEqual(upstream.replies, [b"HANGUP\n" + usage])
+        self.assertIdle(proxy)
+
+
+class TraceReplayTest(ProxyCase):
+    """Every real Asterisk capture, replayed through the proxy, arrives byte for byte."""
+
+    def test_replay_all_traces(self):
+        for name in sorted(TRACES):
+            events = parse_trace(TRACES[name])
+            problems = []
+            upstream = self.server(behaviour=lambda conn, header, server, events=events: problems.extend(
+                ["S header differs"] if header != events[0][1] else
+                replay_side(conn, events[1:], "S", time.monotonic() + TIMEOUT)))
+            proxy = self.proxy(BASIC, upstream)
+            sock = socket.create_connection(("127.0.0.1", self.port(proxy)), TIMEOUT)
+            with sock:
+                problems.extend(replay_side(sock, events, "A", time.monotonic() + TIMEOUT))
+            wait_until(lambda: upstream.headers, message="the upstream to get the header")
+            self.assertIdle(proxy)
+            self.assertEqual(problems, [], name)
+
+
+class FailurePathTest(ProxyCase):
+
+    def test_noroute(self):
+        proxy = self.proxy("""
+            [agiproxy]
+            listen = 127.0.0.1:0
+            [pool main]
+            servers = 127.0.0.1:1
+            [route billing]
+            path = billing
+            pool = main
+        """)
+        transcript = asterisk(self.port(proxy))
+        self.assertEqual(transcript, ([b"SET VARIABLE AGIPROXY_STATUS NOROUTE"], True, "NOROUTE"))
+        self.assertTrue(any("NOROUTE" in m for m in LOG.messages(logging.WARNING)))
+        self.assertIdle(proxy)
+
+    def test_noupstream_on_refused_connect_and_custom_variable(self):
+        dead = socket.socket()
+        dead.bind(("127.0.0.1", 0))
+        port = dead.getsockname()[1]
+        dead.close()    # nothing listens there: connect is refused
+        proxy = self.proxy(BASIC.replace("listen = 127.0.0.1:0", "listen = 127.0.0.1:0\nfailure_variable = WHY")
+                           % port)
+        sock = socket.create_connection(("127.0.0.1", self.port(proxy)), TIMEOUT)
+        with sock:
+            sock.sendall(trace_header("a-plain"))
+            deadline = time.monotonic() + TIMEOUT
+            line, rest = agiproxy.read_line(sock, deadline)
+            self.assertEqual(line, b"SET VARIABLE WHY NOUPSTREAM\n")
+            sock.sendall(b"HANGUP\n200 result=1\n")    # a HANGUP may come before the reply
+            line, rest = agiproxy.read_line(sock, deadline, rest)
+            self.assertEqual(line, b"FAILURE\n")
+            self.assertTrue(expect_eof(sock, deadline))
+        self.assertIdle(proxy)
+
+    def test_busy_when_every_server_is_at_max(self):
+        upstream = self.server(behaviour=lambda conn, header, server: server.release.wait(TIMEOUT))
+        proxy = self.proxy(BASIC.replace("127.0.0.1:%d", "127.0.0.1:%d max=1"), upstream)
+        holder = socket.create_connection(("127.0.0.1", self.port(proxy)), TIMEOUT)
+        with holder:
+            holder.sendall(trace_header("a-plain"))
+            wait_until(lambda: upstream.headers, message="first session to hold the slot")
+            self.assertEqual(asterisk(self.port(proxy)).status, "BUSY")
+            upstream.release.set()
+            self.assertTrue(expect_eof(holder, time.monotonic() + TIMEOUT))
+        self.assertIdle(proxy)
+
+    def test_client_gone_before_the_reply_is_quiet(self):
+        proxy = self.proxy("[agiproxy]\nlisten = 127.0.0.1:0\n")
+        for _ in range(3):
+            sock = socket.create_connection(("127.0.0.1", self.port(proxy)), TIMEOUT)
+            sock.sendall(trace_header("a-plain"))
+            sock.close()
+        self.assertIdle(proxy)
+        self.assertFalse([r for r in LOG.records if r.exc_info], "no traceback for a client that left")
+
+    def test_header_without_agi_request_is_closed(self):
+        proxy = self.proxy("[agiproxy]\nlisten = 127.0.0.1:0\n")
+        sock = socket.create_connection(("127.0.0.1", self.port(proxy)), TIMEOUT)
+        with sock:
+            sock.sendall(b"agi_network: yes\nagi_channel: x\n\n")
+            self.assertTrue(expect_eof(sock, time.monotonic() + TIMEOUT))
+        wait_until(lambda: any("without agi_request" in m for m in LOG.messages()), message="log line")
+
+
+class SessionEndTest(ProxyCase):
+    """Whichever way a session ends, its slot comes back."""
+
+    def run_session(self, behaviour, config_extra="", client=None):
+        upstream = self.server(behaviour=behaviour)
+        proxy = self.proxy(BASIC.replace("listen = 127.0.0.1:0", "listen = 127.0.0.1:0\n" + config_extra), upstream)
+        sock = socket.create_connection(("127.0.0.1", self.port(proxy)), TIMEOUT)
+        sock.sendall(trace_header("a-plain"))
+        wait_until(lambda: upstream.headers, message="upstream to get the header")
+        if client:
+            client(sock)
+        else:
+            expect_eof(sock, time.monotonic() + TIMEOUT)
+        sock.close()
+        self.assertIdle(proxy)
+        return proxy
+
+    def ended(self, text):
+        wait_until(lambda: any(text in m for m in LOG.messages() if m.startswith("session ")),
+                   message="access log with %r" % text)
+
+    def test_upstream_closes(self):
+        self.run_session(lambda conn, header, server: None)
+        self.ended('end="upstream closed"')
+
+    def test_upstream_resets(self):
+        def reset(conn, header, server):
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        self.run_session(reset)
+        self.ended("upstream")
+
+    def test_client_closes(self):
+        self.run_session(lambda conn, header, server: server.release.wait(TIMEOUT),
+                         client=lambda sock: sock.shutdown(socket.SHUT_WR))
+        self.ended('end="client closed"')
+
+    def test_client_resets(self):
+        def reset(sock):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        self.run_session(lambda conn, header, server: server.release.wait(TIMEOUT), client=reset)
+        self.ended("client")
+
+    def test_idle_timeout(self):
+        self.run_session(lambda conn, header, server: server.release.wait(TIMEOUT), "idle_timeout = 200ms")
+        self.ended('end="idle timeout"')
+
+    def test_max_session_time_despite_traffic(self):
+        def chatty(conn, header, server):
+            while not server.release.wait(0.02):
+                conn.sendall(b"NOOP\n")
+
+        def answer(sock):
+            while not expect_eof(sock, time.monotonic() + TIMEOUT):
+                pass
+
+        self.run_session(chatty, "max_session_time = 300ms", client=answer)
+        self.ended('end="max_session_time"')
+
+
+class FailoverTest(ProxyCase):
+
+    def test_refused_server_is_skipped_and_remembered(self):
+        dead = socket.socket()
+        dead.bind(("127.0.0.1", 0))
+        dead_port = dead.getsockname()[1]
+        dead.close()
+        upstream = self.server()
+        proxy = self.proxy("""
+            [agiproxy]
+            listen = 127.0.0.1:0
+            [pool main]
+            retry_after = 60
+            retry_after_max = 60
+            servers =
+                127.0.0.1:%d
+                127.0.0.1:%d
+            [route all]
+            path = *
+            pool = main
+        """ % (dead_port, upstream.port))
+        for _ in range(5):
+            self.assertEqual(asterisk(self.port(proxy)).commands[0], b"ANSWER")
+        failures = [m for m in LOG.messages() if "connect failed" in m]
+        self.assertEqual(len(failures), 1, failures)      # only the first session tried the dead one
+        self.assertEqual(len(upstream.headers), 5)
+        self.assertIdle(proxy)
+
+
+###############################################################################
+# Real Asterisk traces, embedded byte-exact (see the README of asterisk-traces)
+###############################################################################
+
+TRACES = {}
+
+TRACES["a-plain"] = r"""
+# scenario: a-plain
+# asterisk: Asterisk GIT-master-f0c1c1a7b7
+# url: agi://127.0.0.1:4600/path/script?x=1&y=2
+# server: echo_fastagi.py --mode echo
+# harness: asterisk_agi.py --calls 1 --args alpha,beta gamma
+# format: +seconds DIR escaped-bytes; A>S = Asterisk to server, S>A = server to Asterisk;
+# a '+t' line starts a recv() chunk, indented lines continue it; <...> are relay notes
+## connection 1 from 127.0.0.1:39476 at 2026-11-25 14:15:29
++0.002432 A>S agi_network: yes\n
+          A>S agi_network_script: path/script?x=1&y=2\n
+          A>S agi_request: agi://127.0.0.1:4600/path/script?x=1&y=2\n
+          A>S agi_channel: Local/s@agitest-00000000;2\n
+          A>S agi_language: en\n
+          A>S agi_type: Local\n
+          A>S agi_uniqueid: 1795616129.1\n
+          A>S agi_version: GIT-master-f0c1c1a7b7\n
+          A>S agi_callerid: 1001\n
+          A>S agi_calleridname: AGI harness\n
+          A>S agi_callingpres: 0\n
+          A>S agi_callingani2: 0\n
+          A>S agi_callington: 0\n
+          A>S agi_callingtns: 0\n
+          A>S agi_dnid: unknown\n
+          A>S agi_rdnis: unknown\n
+          A>S agi_context: agitest\n
++0.002447 A>S agi_extension: s\n
+          A>S agi_priority: 4\n
+          A>S agi_enhanced: 0.0\n
+          A>S agi_accountcode: \n
+          A>S agi_threadid: 140413166036672\n
+          A>S agi_arg_1: alpha\n
+          A>S agi_arg_2: beta gamma\n
+          A>S \n
++0.002925 S>A ANSWER\n
++0.023607 A>S 200 result=0\n
++0.023817 S>A GET VARIABLE CHANNEL\n
++0.023916 A>S 200 result=1 (Local/s@agitest-00000000;2)\n
++0.024025 S>A SET VARIABLE AGI_SEEN_PATH "path/script?x=1&y=2"\n
++0.024119 A>S 200 result=1\n
++0.024197 S>A SET VARIABLE AGI_SEEN_ARG1 "alpha"\n
++0.024485 A>S 200 result=1\n
++0.024573 S>A VERBOSE "hello" 1\n
++0.024685 A>S 200 result=1\n
++0.024727 S>A EXEC Wait 0.2\n
++0.225797 A>S 200 result=0\n
++0.226063 S>A <EOF>
++0.226605 A>S HANGUP\n
++0.226633 A>S <EOF>
+"""
+
+TRACES["b-hangup-idle"] = r"""
+# scenario: b-hangup-idle
+# asterisk: Asterisk GIT-master-f0c1c1a7b7
+# url: agi://127.0.0.1:4600/hold
+# server: echo_fastagi.py --mode hold
+# harness: asterisk_agi.py --calls 1 --hangup-after 1
+# format: +seconds DIR escaped-bytes; A>S = Asterisk to server, S>A = server to Asterisk;
+# a '+t' line starts a recv() chunk, indented lines continue it; <...> are relay notes
+## connection 1 from 127.0.0.1:39480 at 2026-11-25 14:15:31
++0.002623 A>S agi_network: yes\n
+          A>S agi_network_script: hold\n
+          A>S agi_request: agi://127.0.0.1:4600/hold\n
+          A>S agi_channel: Local/s@agitest-00000000;2\n
+          A>S agi_language: en\n
+          A>S agi_type: Local\n
+          A>S agi_uniqueid: 1795616131.1\n
+          A>S agi_version: GIT-master-f0c1c1a7b7\n
+          A>S agi_callerid: 1001\n
+          A>S agi_calleridname: AGI harness\n
+          A>S agi_callingpres: 0\n
+          A>S agi_callingani2: 0\n
+          A>S agi_callington: 0\n
+          A>S agi_callingtns: 0\n
+          A>S agi_dnid: unknown\n
+          A>S agi_rdnis: unknown\n
+          A>S agi_context: agitest\n
++0.002640 A>S agi_extension: s\n
+          A>S agi_priority: 5\n
+          A>S agi_enhanced: 0.0\n
+          A>S agi_accountcode: \n
+          A>S agi_threadid: 139669690091200\n
+          A>S \n
++0.003182 S>A ANSWER\n
++0.023668 A>S 200 result=0\n
++0.999776 A>S HANGUP\n
++1.000117 S>A ANSWER\n
++1.000331 A>S 511 Command Not Permitted on a dead channel or intercept routine\n
++1.000579 S>A STREAM FILE beep ""\n
++1.000679 A>S 511 Command Not Permitted on a dead channel or intercept routine\n
++1.000751 S>A GET VARIABLE CHANNEL\n
++1.000894 A>S 200 result=1 (Local/s@agitest-00000000;2)\n
++1.001013 S>A SET VARIABLE AGI_AFTER_HANGUP 1\n
++1.001068 A>S 200 result=1\n
++1.001200 S>A NOOP\n
++1.001332 A>S 200 result=0\n
++1.001379 S>A <EOF>
++1.001889 A>S HANGUP\n
++1.001928 A>S <EOF>
+"""
+
+TRACES["b2-hangup-remote-ami"] = r"""
+# scenario: b2-hangup-remote-ami
+# asterisk: Asterisk GIT-master-f0c1c1a7b7
+# url: agi://127.0.0.1:4600/hold
+# server: echo_fastagi.py --mode hold
+# harness: asterisk_agi.py --calls 1 --hangup-after 1 --hangup-method ami
+# format: +seconds DIR escaped-bytes; A>S = Asterisk to server, S>A = server to Asterisk;
+# a '+t' line starts a recv() chunk, indented lines continue it; <...> are relay notes
+## connection 1 from 127.0.0.1:39494 at 2026-11-25 14:15:34
++0.002504 A>S agi_network: yes\n
+          A>S agi_network_script: hold\n
+          A>S agi_request: agi://127.0.0.1:4600/hold\n
+          A>S agi_channel: Local/s@agitest-00000000;2\n
+          A>S agi_language: en\n
+          A>S agi_type: Local\n
+          A>S agi_uniqueid: 1795616134.1\n
+          A>S agi_version: GIT-master-f0c1c1a7b7\n
+          A>S agi_callerid: 1001\n
+          A>S agi_calleridname: AGI harness\n
+          A>S agi_callingpres: 0\n
+          A>S agi_callingani2: 0\n
+          A>S agi_callington: 0\n
+          A>S agi_callingtns: 0\n
+          A>S agi_dnid: unknown\n
+          A>S agi_rdnis: unknown\n
+          A>S agi_context: agitest\n
++0.002520 A>S agi_extension: s\n
+          A>S agi_priority: 4\n
+          A>S agi_enhanced: 0.0\n
+          A>S agi_accountcode: \n
+          A>S agi_threadid: 140475377690304\n
+          A>S \n
++0.002854 S>A ANSWER\n
++0.023613 A>S 200 result=0\n
++1.001614 A>S HANGUP\n
++1.001854 S>A ANSWER\n
++1.001931 A>S 511 Command Not Permitted on a dead channel or intercept routine\n
++1.002128 S>A STREAM FILE beep ""\n
++1.002162 A>S 511 Command Not Permitted on a dead channel or intercept routine\n
++1.002277 S>A GET VARIABLE CHANNEL\n
++1.002369 A>S 200 result=1 (Local/s@agitest-00000000;2)\n
++1.002512 S>A SET VARIABLE AGI_AFTER_HANGUP 1\n
++1.002609 A>S 200 result=1\n
++1.002700 S>A NOOP\n
++1.002845 A>S 200 result=0\n
++1.002899 S>A <EOF>
++1.003028 A>S HANGUP\n
++1.003054 A>S <EOF>
+"""
+
+TRACES["b3-hangup-during-exec"] = r"""
+# scenario: b3-hangup-during-exec
+# asterisk: Asterisk GIT-master-f0c1c1a7b7
+# url: agi://127.0.0.1:4600/exec
+# server: echo_fastagi.py --script ANSWER;EXEC Wait 5;NOOP;@waitline 2;GET VARIABLE CHANNEL;@close
+# harness: asterisk_agi.py --calls 1 --hangup-after 1
+# format: +seconds DIR escaped-bytes; A>S = Asterisk to server, S>A = server to Asterisk;
+# a '+t' line starts a recv() chunk, indented lines continue it; <...> are relay notes
+## connection 1 from 127.0.0.1:59416 at 2026-11-25 14:15:37
++0.002383 A>S agi_network: yes\n
+          A>S agi_network_script: exec\n
+          A>S agi_request: agi://127.0.0.1:4600/exec\n
+          A>S agi_channel: Local/s@agitest-00000000;2\n
+          A>S agi_language: en\n
+          A>S agi_type: Local\n
+          A>S agi_uniqueid: 1795616137.1\n
+          A>S agi_version: GIT-master-f0c1c1a7b7\n
+          A>S agi_callerid: 1001\n
+          A>S agi_calleridname: AGI harness\n
+          A>S agi_callingpres: 0\n
+          A>S agi_callingani2: 0\n
+          A>S agi_callington: 0\n
+          A>S agi_callingtns: 0\n
+          A>S agi_dnid: unknown\n
+          A>S agi_rdnis: unknown\n
+          A>S agi_context: agitest\n
++0.002397 A>S agi_extension: s\n
+          A>S agi_priority: 5\n
+          A>S agi_enhanced: 0.0\n
+          A>S agi_accountcode: \n
+          A>S agi_threadid: 140402241894080\n
+          A>S \n
++0.002860 S>A ANSWER\n
++0.023311 A>S 200 result=0\n
++0.023526 S>A EXEC Wait 5\n
++1.000016 A>S 200 result=-1\n
++1.000402 S>A NOOP\n
++1.000583 A>S HANGUP\n
++1.041849 A>S 200 result=0\n
++3.044468 S>A GET VARIABLE CHANNEL\n
++3.044745 A>S 200 result=1 (Local/s@agitest-00000000;2)\n
++3.044926 S>A <EOF>
++3.045382 A>S HANGUP\n
++3.045867 A>S <EOF>
+"""
+
+TRACES["c-bad-commands"] = r"""
+# scenario: c-bad-commands
+# asterisk: Asterisk GIT-master-f0c1c1a7b7
+# url: agi://127.0.0.1:4600/bad
+# server: echo_fastagi.py --script ANSWER;FOOBAR;STREAM FILE;GET DATA;@cmd;noop;@crlf SET VARIABLE CRLF_TEST abc;GET FULL VARIABLE >${CRLF_TEST}<;@close
+# harness: asterisk_agi.py --calls 1 
+# format: +seconds DIR escaped-bytes; A>S = Asterisk to server, S>A = server to Asterisk;
+# a '+t' line starts a recv() chunk, indented lines continue it; <...> are relay notes
+## connection 1 from 127.0.0.1:59430 at 2026-11-25 14:15:42
++0.002637 A>S agi_network: yes\n
+          A>S agi_network_script: bad\n
+          A>S agi_request: agi://127.0.0.1:4600/bad\n
+          A>S agi_channel: Local/s@agitest-00000000;2\n
+          A>S agi_language: en\n
+          A>S agi_type: Local\n
+          A>S agi_uniqueid: 1795616142.1\n
+          A>S agi_version: GIT-master-f0c1c1a7b7\n
+          A>S agi_callerid: 1001\n
+          A>S agi_calleridname: AGI harness\n
+          A>S agi_callingpres: 0\n
+          A>S agi_callingani2: 0\n
+          A>S agi_callington: 0\n
+          A>S agi_callingtns: 0\n
+          A>S agi_dnid: unknown\n
+          A>S agi_rdnis: unknown\n
+          A>S agi_context: agitest\n
++0.002652 A>S agi_extension: s\n
+          A>S agi_priority: 4\n
+          A>S agi_enhanced: 0.0\n
+          A>S agi_accountcode: \n
+          A>S agi_threadid: 139808911173312\n
+          A>S \n
++0.002819 S>A ANSWER\n
++0.023332 A>S 200 result=0\n
++0.023592 S>A FOOBAR\n
++0.023696 A>S 510 Invalid or unknown command\n
++0.023800 S>A STREAM FILE\n
++0.023872 A>S 520-Invalid command syntax.  Proper usage follows:\n
++0.064909 A>S Send the given file, allowing playback to be interrupted by the given digits, if any. Returns <literal>0</literal> if playback completes without a digit being pressed, or the ASCII numerical value of the digit if one was pressed, or <literal>-1</literal> on error or if the channel was disconnected. If musiconhold is playing before calling stream file it will be automatically stopped and will not be restarted after completion.\n
+          A>S It sets the following channel variables upon completion:\n
+          A>S <variable>PLAYBACKSTATUS</variable>: The status of the playback attempt as a text string.\n
+          A>S     <value>SUCCESS</value>\n
+          A>S     <value>FAILED</value>\n
+          A>S 520 End of proper usage.\n
++0.065102 S>A GET DATA\n
++0.065270 A>S 520-Invalid command syntax.  Proper usage follows:\n
++0.108923 A>S Stream the given <replaceable>file</replaceable>, and receive DTMF data.\n
+          A>S Returns the digits received from the channel at the other end.\n
+          A>S 520 End of proper usage.\n
++0.113157 S>A \n
++0.113565 A>S 510 Invalid or unknown command\n
++0.113633 S>A noop\n
++0.113716 A>S 200 result=0\n
++0.113753 S>A SET VARIABLE CRLF_TEST abc\r\n
++0.113811 A>S 200 result=1\n
++0.113843 S>A GET FULL VARIABLE >${CRLF_TEST}<\n
++0.113890 A>S 200 result=1 (>abc\r<)\n
++0.114352 S>A <EOF>
++0.114468 A>S HANGUP\n
++0.114498 A>S <EOF>
+"""
+
+TRACES["d-missing-sound"] = r"""
+# scenario: d-missing-sound
+# asterisk: Asterisk GIT-master-f0c1c1a7b7
+# url: agi://127.0.0.1:4600/missing
+# server: echo_fastagi.py --mode missing
+# harness: asterisk_agi.py --calls 1 
+# format: +seconds DIR escaped-bytes; A>S = Asterisk to server, S>A = server to Asterisk;
+# a '+t' line starts a recv() chunk, indented lines continue it; <...> are relay notes
+## connection 1 from 127.0.0.1:59444 at 2026-11-25 14:15:44
++0.001974 A>S agi_network: yes\n
+          A>S agi_network_script: missing\n
+          A>S agi_request: agi://127.0.0.1:4600/missing\n
+          A>S agi_channel: Local/s@agitest-00000000;2\n
+          A>S agi_language: en\n
+          A>S agi_type: Local\n
+          A>S agi_uniqueid: 1795616144.1\n
+          A>S agi_version: GIT-master-f0c1c1a7b7\n
+          A>S agi_callerid: 1001\n
+          A>S agi_calleridname: AGI harness\n
+          A>S agi_callingpres: 0\n
+          A>S agi_callingani2: 0\n
+          A>S agi_callington: 0\n
+          A>S agi_callingtns: 0\n
+          A>S agi_dnid: unknown\n
+          A>S agi_rdnis: unknown\n
+          A>S agi_context: agitest\n
++0.001988 A>S agi_extension: s\n
+          A>S agi_priority: 4\n
+          A>S agi_enhanced: 0.0\n
+          A>S agi_accountcode: \n
+          A>S agi_threadid: 139932409284288\n
+          A>S \n
++0.002456 S>A ANSWER\n
++0.022907 A>S 200 result=0\n
++0.023118 S>A STREAM FILE no-such-sound-file ""\n
++0.023368 A>S 200 result=-1 endpos=0\n
++0.023518 S>A GET DATA no-such-sound-file 100 2\n
++0.023694 A>S 200 result=-1\n
++0.024107 S>A <EOF>
++0.024324 A>S HANGUP\n
++0.024411 A>S <EOF>
+"""
+
+TRACES["e-hangup-nosighup"] = r"""
+# scenario: e-hangup-nosighup
+# asterisk: Asterisk GIT-master-f0c1c1a7b7
+# url: agi://127.0.0.1:4600/hold
+# server: echo_fastagi.py --mode hold-short
+# harness: asterisk_agi.py --calls 1 --hangup-after 1 --set AGISIGHUP=no
+# format: +seconds DIR escaped-bytes; A>S = Asterisk to server, S>A = server to Asterisk;
+# a '+t' line starts a recv() chunk, indented lines continue it; <...> are relay notes
+## connection 1 from 127.0.0.1:37990 at 2026-11-25 14:15:47
++0.003733 A>S agi_network: yes\n
+          A>S agi_network_script: hold\n
+          A>S agi_request: agi://127.0.0.1:4600/hold\n
+          A>S agi_channel: Local/s@agitest-00000000;2\n
+          A>S agi_language: en\n
+          A>S agi_type: Local\n
+          A>S agi_uniqueid: 1795616147.1\n
+          A>S agi_version: GIT-master-f0c1c1a7b7\n
+          A>S agi_callerid: 1001\n
+          A>S agi_calleridname: AGI harness\n
+          A>S agi_callingpres: 0\n
+          A>S agi_callingani2: 0\n
+          A>S agi_callington: 0\n
+          A>S agi_callingtns: 0\n
+          A>S agi_dnid: unknown\n
+          A>S agi_rdnis: unknown\n
+          A>S agi_context: agitest\n
++0.003759 A>S agi_extension: s\n
+          A>S agi_priority: 6\n
+          A>S agi_enhanced: 0.0\n
+          A>S agi_accountcode: \n
+          A>S agi_threadid: 140565021988544\n
+          A>S \n
++0.004494 S>A ANSWER\n
++0.025533 A>S 200 result=0\n
++3.030519 S>A ANSWER\n
++3.030862 A>S 511 Command Not Permitted on a dead channel or intercept routine\n
++3.031104 S>A STREAM FILE beep ""\n
++3.031650 A>S 511 Command Not Permitted on a dead channel or intercept routine\n
++3.031842 S>A GET VARIABLE CHANNEL\n
++3.032046 A>S 200 result=1 (Local/s@agitest-00000000;2)\n
++3.032189 S>A SET VARIABLE AGI_AFTER_HANGUP 1\n
++3.032405 A>S 200 result=1\n
++3.032468 S>A NOOP\n
++3.032647 A>S 200 result=0\n
++3.032695 S>A <EOF>
++3.033702 A>S <EOF>
+"""
+
+TRACES["f-failure-line"] = r"""
+# scenario: f-failure-line
+# asterisk: Asterisk GIT-master-f0c1c1a7b7
+# url: agi://127.0.0.1:4600/route/unknown
+# server: echo_fastagi.py --mode failure
+# harness: asterisk_agi.py --calls 1 
+# format: +seconds DIR escaped-bytes; A>S = Asterisk to server, S>A = server to Asterisk;
+# a '+t' line starts a recv() chunk, indented lines continue it; <...> are relay notes
+## connection 1 from 127.0.0.1:38004 at 2026-11-25 14:15:51
++0.002798 A>S agi_network: yes\n
+          A>S agi_network_script: route/unknown\n
+          A>S agi_request: agi://127.0.0.1:4600/route/unknown\n
+          A>S agi_channel: Local/s@agitest-00000000;2\n
+          A>S agi_language: en\n
+          A>S agi_type: Local\n
+          A>S agi_uniqueid: 1795616151.1\n
+          A>S agi_version: GIT-master-f0c1c1a7b7\n
+          A>S agi_callerid: 1001\n
+          A>S agi_calleridname: AGI harness\n
+          A>S agi_callingpres: 0\n
+          A>S agi_callingani2: 0\n
+          A>S agi_callington: 0\n
+          A>S agi_callingtns: 0\n
+          A>S agi_dnid: unknown\n
+          A>S agi_rdnis: unknown\n
+          A>S agi_context: agitest\n
++0.002816 A>S agi_extension: s\n
+          A>S agi_priority: 4\n
+          A>S agi_enhanced: 0.0\n
+          A>S agi_accountcode: \n
+          A>S agi_threadid: 140635822913216\n
+          A>S \n
++0.003002 S>A FAILURE\n
++0.003031 S>A <EOF>
++0.003198 A>S HANGUP\n
++0.003220 A>S <EOF>
+"""
+
+TRACES["g-close-after-header"] = r"""
+# scenario: g-close-after-header
+# asterisk: Asterisk GIT-master-f0c1c1a7b7
+# url: agi://127.0.0.1:4600/close
+# server: echo_fastagi.py --mode close-after-header
+# harness: asterisk_agi.py --calls 1 
+# format: +seconds DIR escaped-bytes; A>S = Asterisk to server, S>A = server to Asterisk;
+# a '+t' line starts a recv() chunk, indented lines continue it; <...> are relay notes
+## connection 1 from 127.0.0.1:38020 at 2026-11-25 14:15:53
++0.002391 A>S agi_network: yes\n
+          A>S agi_network_script: close\n
+          A>S agi_request: agi://127.0.0.1:4600/close\n
+          A>S agi_channel: Local/s@agitest-00000000;2\n
+          A>S agi_language: en\n
+          A>S agi_type: Local\n
+          A>S agi_uniqueid: 1795616153.1\n
+          A>S agi_version: GIT-master-f0c1c1a7b7\n
+          A>S agi_callerid: 1001\n
+          A>S agi_calleridname: AGI harness\n
+          A>S agi_callingpres: 0\n
+          A>S agi_callingani2: 0\n
+          A>S agi_callington: 0\n
+          A>S agi_callingtns: 0\n
+          A>S agi_dnid: unknown\n
+          A>S agi_rdnis: unknown\n
+          A>S agi_context: agitest\n
++0.002407 A>S agi_extension: s\n
+          A>S agi_priority: 4\n
+          A>S agi_enhanced: 0.0\n
+          A>S agi_accountcode: \n
+          A>S agi_threadid: 140710236522176\n
+          A>S \n
++0.002766 S>A <EOF>
++0.003078 A>S HANGUP\n
++0.003102 A>S <EOF>
+"""
+
+TRACES["h-no-path"] = r"""
+# scenario: h-no-path
+# asterisk: Asterisk GIT-master-f0c1c1a7b7
+# url: agi://127.0.0.1:4600
+# server: echo_fastagi.py --mode echo
+# harness: asterisk_agi.py --calls 1 
+# format: +seconds DIR escaped-bytes; A>S = Asterisk to server, S>A = server to Asterisk;
+# a '+t' line starts a recv() chunk, indented lines continue it; <...> are relay notes
+## connection 1 from 127.0.0.1:36276 at 2026-11-25 14:15:57
++0.002314 A>S agi_network: yes\n
+          A>S agi_request: agi://127.0.0.1:4600\n
+          A>S agi_channel: Local/s@agitest-00000000;2\n
+          A>S agi_language: en\n
+          A>S agi_type: Local\n
+          A>S agi_uniqueid: 1795616157.1\n
+          A>S agi_version: GIT-master-f0c1c1a7b7\n
+          A>S agi_callerid: 1001\n
+          A>S agi_calleridname: AGI harness\n
+          A>S agi_callingpres: 0\n
+          A>S agi_callingani2: 0\n
+          A>S agi_callington: 0\n
+          A>S agi_callingtns: 0\n
+          A>S agi_dnid: unknown\n
+          A>S agi_rdnis: unknown\n
+          A>S agi_context: agitest\n
+          A>S agi_extension: s\n
++0.002328 A>S agi_priority: 4\n
+          A>S agi_enhanced: 0.0\n
+          A>S agi_accountcode: \n
+          A>S agi_threadid: 140550542227136\n
+          A>S \n
++0.002770 S>A ANSWER\n
++0.023296 A>S 200 result=0\n
++0.023530 S>A GET VARIABLE CHANNEL\n
++0.023588 A>S 200 result=1 (Local/s@agitest-00000000;2)\n
++0.023896 S>A SET VARIABLE AGI_SEEN_PATH ""\n
++0.023994 A>S 200 result=1\n
++0.024069 S>A SET VARIABLE AGI_SEEN_ARG1 ""\n
++0.024120 A>S 200 result=1\n
++0.024346 S>A VERBOSE "hello" 1\n
++0.024412 A>S 200 result=1\n
++0.024519 S>A EXEC Wait 0.2\n
++0.225476 A>S 200 result=0\n
++0.225803 S>A <EOF>
++0.226388 A>S HANGUP\n
++0.226423 A>S <EOF>
+"""
+
+
+def main():
+    """unittest's runner, plus the plain closing line CI reads: 'N passed, N failed, N skipped'."""
+    result = unittest.main(exit=False).result
+    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
+    skipped = len(result.skipped)
+    sys.stdout.write("%d passed, %d failed, %d skipped\n" % (result.testsRun - failed - skipped, failed, skipped))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
