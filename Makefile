@@ -56,3 +56,19 @@ install:
 uninstall:
 	rm -f $(DESTDIR)$(PREFIX)/bin/agiproxy $(DESTDIR)$(CONFIG).sample
 	@echo "left $(DESTDIR)$(CONFIG) in place (your configuration)"
+
+# The init script for this box (see init.d/README); enabling it is left to you.
+install-init:
+	@if [ -d /run/systemd/system ]; then \
+	  install -D -m 644 init.d/agiproxy.service $(DESTDIR)/etc/systemd/system/agiproxy.service; \
+	  echo "installed /etc/systemd/system/agiproxy.service: systemctl daemon-reload && systemctl enable --now agiproxy"; \
+	elif [ -x /sbin/openrc-run ]; then \
+	  install -D -m 755 init.d/agiproxy.openrc $(DESTDIR)/etc/init.d/agiproxy; \
+	  echo "installed /etc/init.d/agiproxy (OpenRC): rc-update add agiproxy default"; \
+	elif [ -f /etc/rc.d/init.d/functions ]; then \
+	  install -D -m 755 init.d/agiproxy.redhat $(DESTDIR)/etc/rc.d/init.d/agiproxy; \
+	  echo "installed /etc/rc.d/init.d/agiproxy: chkconfig --add agiproxy"; \
+	elif [ -f /lib/init/init-d-script ]; then \
+	  install -D -m 755 init.d/agiproxy.debian $(DESTDIR)/etc/init.d/agiproxy; \
+	  echo "installed /etc/init.d/agiproxy (Debian): update-rc.d agiproxy defaults"; \
+	else echo "no known init system: see init.d/README"; exit 1; fi

@@ -1425,7 +1425,11 @@ class Session(object):
         selector = Selector()
         interest = {client: 0, upstream: 0}
         try:
-            self._send(upstream, outbox[upstream])
+            try:
+                self._send(upstream, outbox[upstream])
+            except OSError as exc:
+                self.end = "upstream reset (%s)" % describe_error(exc)
+                return
             while True:
                 for sock in (client, upstream):
                     want = (READ if len(outbox[peer[sock]]) < RELAY_BUFFER_LIMIT else 0) | \
@@ -2122,8 +2126,8 @@ def sd_notify(message):
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.sendto(message.encode("ascii"), address)
-    except OSError as exc:
-        log.warning("cannot notify systemd: %s", describe_error(exc))
+    except OSError as exc:   # e.g. start-stop-daemon --notify-await closes it once we are ready
+        log.debug("cannot notify %s: %s", address, describe_error(exc))
 
 
 def daemonize():
@@ -2200,9 +2204,8 @@ def run_until_stopped(proxy, config_path):
                         log.warning("SIGHUP ignored while draining")
                         continue
                     sd_notify("RELOADING=1")
-                    setup_logging(proxy.settings, daemon=proxy.daemon)
                     proxy.reload(config_path)
-                    setup_logging(proxy.settings, daemon=proxy.daemon)
+                    setup_logging(proxy.settings, daemon=proxy.daemon)    # reopens the file for logrotate
                     sd_notify("READY=1")
                 elif signum == signal.SIGUSR1:
                     for line in proxy.status_lines():
@@ -2392,6 +2395,7 @@ def serve(config, args):
         proxy.bind()
     except OSError as exc:
         log.error("cannot listen: %s", exc.strerror or exc)
+        sd_notify("ERRNO=%d" % (exc.errno or errno.EINVAL))
         return 1
     report = daemonize() if args.daemon else None
     try:
@@ -2404,6 +2408,7 @@ def serve(config, args):
             drop_privileges(args.user, args.group)
     except (OSError, ConfigError) as exc:
         log.error("cannot start: %s", exc)
+        sd_notify("ERRNO=%d" % (getattr(exc, "errno", None) or errno.EINVAL))
         if report:
             report(1)
         return 1

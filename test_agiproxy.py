@@ -1011,6 +1011,82 @@ class FailoverTest(ProxyCase):
 
 
 ###############################################################################
+# Init scripts ################################################################
+###############################################################################
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class InitScriptTest(ProxyCase):
+
+    def test_scripts_parse(self):
+        for name in ("agiproxy.debian", "agiproxy.openrc", "agiproxy.redhat"):
+            shell = "bash" if name.endswith("redhat") else "sh"
+            self.assertEqual(subprocess.call([shell, "-n", os.path.join(HERE, "init.d", name)]), 0, name)
+
+    @unittest.skipUnless(os.path.exists("/lib/init/init-d-script") and os.geteuid() == 0,
+                         "needs Debian's init-d-script and root")
+    def test_debian_script_starts_reloads_and_stops_the_proxy(self):
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        path = lambda name: os.path.join(tmp, name)
+
+        def write(name, text, mode=0o644):
+            with open(path(name), "w") as handle:
+                handle.write(text)
+            os.chmod(path(name), mode)
+
+        first, second = self.server(), self.server(behaviour=lambda c, h, s: s.release.wait(TIMEOUT))
+        port = free_port()
+        conf = "[agiproxy]\nlisten = 127.0.0.1:%d\nlog = %s\n[pool p]\nservers = 127.0.0.1:%%d\n" \
+               "[route r]\npath = *\npool = p\n" % (port, path("agiproxy.log"))
+        write("agiproxy.conf", conf % first.port)
+        with open(PROGRAM) as handle:       # the real program, run by this test's interpreter
+            write("agiproxy", "#!%s\n%s" % (sys.executable, handle.read().split("\n", 1)[1]), 0o755)
+        with open(os.path.join(HERE, "init.d", "agiproxy.debian")) as handle:
+            script = handle.read()
+        os.mkdir(path("default"))
+        # init-d-script reads /etc/default/$NAME after the script: this NAME leads to our defaults file
+        write("agiproxy.init", re.sub(r"(?m)^NAME=.*", "NAME=../..%s/default/agiproxy" % tmp, script, 1), 0o755)
+        write("default/agiproxy", "DAEMON=%s\nCONFIG=%s\nPIDFILE=%s\nOUTPUT_LOG=%s\n"
+              % (path("agiproxy"), path("agiproxy.conf"), path("pid"), path("out.log")))
+
+        def initd(action):
+            return subprocess.call([path("agiproxy.init"), action], stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60,
+                                   env=dict(os.environ, SYSTEMCTL_SKIP_REDIRECT="1"))
+
+        self.assertEqual(initd("start"), 0)          # returns once agiproxy sent READY=1
+        with open(path("pid")) as handle:
+            pid = int(handle.read())
+        self.addCleanup(lambda: os.path.exists("/proc/%d" % pid) and os.kill(pid, signal.SIGKILL))
+        self.assertEqual(asterisk(port).commands[0], b"ANSWER")
+        self.assertEqual(initd("status"), 0)
+        write("agiproxy.conf", conf % second.port)
+        self.assertEqual(initd("reload"), 0)
+        wait_until(lambda: "configuration reloaded" in open(path("agiproxy.log")).read(), message="reload")
+        held = socket.create_connection(("127.0.0.1", port), TIMEOUT)   # a live call on the new pool
+        held.sendall(trace_header("a-plain"))
+        wait_until(lambda: second.headers, message="the held session to reach the new pool")
+        stopper = threading.Thread(target=lambda: self.assertEqual(initd("stop"), 0))
+        stopper.start()
+        wait_until(lambda: "stopping" in open(path("agiproxy.log")).read(), message="the drain to start")
+        self.assertTrue(stopper.is_alive(), "stop must wait for the live call")
+        second.release.set()
+        self.assertTrue(expect_eof(held, time.monotonic() + TIMEOUT))
+        held.close()
+        stopper.join(TIMEOUT)
+        self.assertFalse(stopper.is_alive())
+        self.assertFalse(os.path.exists(path("pid")))
+        self.assertEqual(initd("status"), 3)
+        self.assertEqual(len(first.headers), 1)
+
+
+###############################################################################
 # Real Asterisk traces, embedded byte-exact (see the README of asterisk-traces)
 ###############################################################################
 
