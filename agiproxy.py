@@ -489,6 +489,9 @@ def _read_pool(reader, section, name):
         raise reader.error(section, "tls_client_key", "needed with tls_client_cert")
     if settings.check != "none" and (settings.rise < 1 or settings.fall < 1):
         raise reader.error(section, "rise", "rise and fall must be 1 or more")
+    for key in ("check_interval", "check_timeout"):
+        if getattr(settings, key) <= 0:
+            raise reader.error(section, key, "must be more than 0")
     if settings.retry_after_max < settings.retry_after:
         raise reader.error(section, "retry_after_max", "must be at least retry_after")
     if any(s.tls for s in servers):
@@ -798,9 +801,12 @@ class ServerState(object):
 
     Passive health: a failed connect (or ``early_close_limit`` sessions in a
     row that the server closed before saying anything) marks the server down
-    for ``retry_after`` seconds, doubling on each further failure up to
-    ``retry_after_max``.  Then one session at a time may try it (half-open).
-    Active checks, when a pool has them, decide with ``rise``/``fall`` instead.
+    for ``retry_after`` seconds.  Then one session may try it (half-open):
+    the server is up again once it sends that session its first byte; a
+    failed trial doubles the wait, up to ``retry_after_max``.  Failures of
+    sessions that were sent there before it went down change nothing: one
+    outage is one step.  Active checks, when a pool has them, decide with
+    ``rise``/``fall`` instead.
     """
 
     def __init__(self, host, port, tls):
@@ -823,10 +829,15 @@ class ServerState(object):
         """Can a session be sent here?  *trials*: may a down server get a half-open try?"""
         return self.up or (trials and not self.trial and now >= self.retry_at)
 
-    def mark_down(self, now, why, retry_after, retry_after_max):
-        """Record a failure; return True when this turned the server down."""
+    def mark_down(self, now, why, retry_after, retry_after_max, trial=False):
+        """Record a failure; *trial*: of the half-open try.  Return True when this turned the server down."""
         was_up = self.up
-        self.backoff = retry_after if was_up else min(max(self.backoff * 2, retry_after), retry_after_max)
+        if was_up:
+            self.backoff = retry_after
+        elif trial:
+            self.backoff = min(max(self.backoff * 2, retry_after), retry_after_max)
+        else:
+            return False    # a session sent here before the server went down: same outage
         self.up, self.trial, self.why_down = False, False, why
         self.retry_at = now + self.backoff
         self.early_closes = 0
@@ -923,8 +934,9 @@ class Pool(object):
     def reserve(self, order, tried, now):
         """Take a session slot on the first member of *order* that can have one.
 
-        Returns ``(member, None)``, or ``(None, reason)`` with reason BUSY when
-        a usable server was only skipped for being at max, else NOUPSTREAM.
+        Returns ``(member, trial)`` where *trial* is True for a half-open try
+        of a down server, or ``(None, reason)`` with reason BUSY when a usable
+        server was only skipped for being at max, else NOUPSTREAM.
         """
         busy = False
         for member in order:
@@ -934,10 +946,10 @@ class Pool(object):
             if member.full():
                 busy = True
                 continue
-            if not state.up:
-                state.trial = True
+            trial = not state.up
+            state.trial = state.trial or trial
             state.active += 1
-            return member, None
+            return member, trial
         return None, "BUSY" if busy else "NOUPSTREAM"
 
     def saturation_change(self, now):
@@ -1241,6 +1253,7 @@ class Session(object):
         self.bytes_up = self.bytes_down = 0
         self.end = "error"
         self.abort_reason = None
+        self.trial = False      # a half-open try: the server's first byte brings it back
 
     # -- driving -----------------------------------------------------------
 
@@ -1334,27 +1347,28 @@ class Session(object):
         budget_deadline = time.monotonic() + settings.connect_budget
         tried = []
         while True:
-            member, reason = proxy.reserve(pool, order, tried)
+            member, trial = proxy.reserve(pool, order, tried)
             if member is None:
+                reason = trial
                 why = "no server could take the session" if tried else \
                     ("every server is busy" if reason == "BUSY" else "every server is down")
                 return self.fail(reason, "pool %s: %s" % (pool.name, why))
             tried.append(member)
-            remaining = budget_deadline - time.monotonic()
+            timeout = min(settings.connect_timeout, budget_deadline - time.monotonic())
             state = member.state
             try:
-                if remaining <= 0:
+                if timeout <= 0:
                     raise socket.timeout("connect_budget spent")
-                self.upstream = open_connection(state.host, state.port, min(settings.connect_timeout, remaining),
-                                                member.tls_context)
+                self.upstream = open_connection(state.host, state.port, timeout, member.tls_context)
             except (OSError, ValueError) as exc:
-                proxy.connect_failed(pool, member, describe_error(exc))
+                # a connect cut short by the budget says nothing against the server
+                judged = not (isinstance(exc, socket.timeout) and timeout < settings.connect_timeout)
+                proxy.connect_failed(pool, member, describe_error(exc), trial, judged)
                 if time.monotonic() >= budget_deadline:
                     return self.fail("NOUPSTREAM", "pool %s: connect_budget = %gs spent"
                                      % (pool.name, settings.connect_budget))
                 continue
-            self.member = member
-            proxy.connect_succeeded(pool, member)
+            self.member, self.trial = member, trial
             return self.upstream_header(request, header, path, query)
 
     def upstream_header(self, request, header, path, query):
@@ -1467,6 +1481,9 @@ class Session(object):
                                 self._finish(peer[sock], outbox[peer[sock]])
                                 return
                             if data:
+                                if self.trial and sock is upstream:
+                                    self.trial = False
+                                    self.proxy.trial_passed(self.pool, self.member)
                                 received[sock] += len(data)
                                 outbox[peer[sock]] += data
                                 self._send(peer[sock], outbox[peer[sock]])
@@ -1838,7 +1855,12 @@ class Proxy(object):
                 state.bytes_down += session.bytes_down
                 pool.sessions += 1
                 self.stats.observe(duration, session.bytes_up, session.bytes_down)
-                if session.bytes_down:
+                if session.trial:    # the half-open try never heard from the server
+                    if session.end == "upstream closed":
+                        self._mark_down(pool, member, "closed the trial session without a command", now, True)
+                    else:
+                        state.trial = False
+                elif session.bytes_down:
                     state.early_closes = 0
                 elif session.end == "upstream closed" and pool.settings.early_close_limit:
                     state.early_closes += 1
@@ -1877,14 +1899,24 @@ class Proxy(object):
             run_hook(hook[0], hook[1], pool.settings.hook_timeout)
         return member, reason
 
-    def connect_failed(self, pool, member, why):
+    def connect_failed(self, pool, member, why, trial, judged=True):
+        """Give back the slot of a failed connect; *judged*: the failure counts against the server."""
+        now = time.monotonic()
         with self.lock:
-            member.state.active -= 1
+            state = member.state
+            state.active -= 1
             self.active -= 1
-            member.state.connect_failures += 1
-            self._mark_down(pool, member, "connect failed: " + why, time.monotonic())
+            state.connect_failures += 1
+            if judged:
+                self._mark_down(pool, member, "connect failed: " + why, now, trial)
+            elif trial:
+                state.trial = False
+            hook = pool.saturation_change(now)
+        if hook:
+            run_hook(hook[0], hook[1], pool.settings.hook_timeout)
 
-    def connect_succeeded(self, pool, member):
+    def trial_passed(self, pool, member):
+        """The half-open try got its first byte from the server: it is back."""
         with self.lock:
             if member.state.mark_up():
                 log.warning("server %s of pool %s is up again", member.name, pool.name)
@@ -1906,14 +1938,15 @@ class Proxy(object):
                     self._mark_down(pool, member, "%d checks failed, last: %s" % (settings.fall, why),
                                     time.monotonic())
 
-    def _mark_down(self, pool, member, why, now):
+    def _mark_down(self, pool, member, why, now, trial=False):
         """With the lock held: take *member* out of service and say so."""
         settings = pool.settings
         state = member.state
-        if state.mark_down(now, why, settings.retry_after, settings.retry_after_max):
+        if state.mark_down(now, why, settings.retry_after, settings.retry_after_max, trial):
             log.warning("server %s of pool %s is down: %s", member.name, pool.name, why)
-        else:
-            log.info("server %s of pool %s still down: %s", member.name, pool.name, why)
+        elif trial:
+            log.info("server %s of pool %s still down, next try in %gs: %s", member.name, pool.name,
+                     state.backoff, why)
         if settings.check != "none":
             state.check_streak = min(state.check_streak, 0)
 

@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import tempfile
@@ -184,6 +185,10 @@ class FakeServer(object):
     def stop(self):
         self.stopping = True
         self.release.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)    # close() alone does not wake accept() on Linux
+        except OSError:
+            pass
         self.sock.close()
         for thread in self.threads:
             thread.join(TIMEOUT)
@@ -677,9 +682,11 @@ class HealthStateTest(unittest.TestCase):
         self.assertTrue(state.available(101.0, True))
         state.trial = True                                   # one session is trying
         self.assertFalse(state.available(101.0, True))
+        self.assertFalse(state.mark_down(101.0, "refused", 1, 5))   # sent before it went down: same outage
+        self.assertEqual((state.backoff, state.retry_at, state.trial), (1, 101.0, True))
         backoffs = []
         for _ in range(5):
-            self.assertFalse(state.mark_down(200.0, "refused", 1, 5))
+            self.assertFalse(state.mark_down(200.0, "refused", 1, 5, trial=True))
             backoffs.append(state.backoff)
         self.assertEqual(backoffs, [2, 4, 5, 5, 5])
         self.assertFalse(state.available(1000.0, False))     # with active checks: no trials
@@ -874,10 +881,7 @@ class FailurePathTest(ProxyCase):
         self.assertIdle(proxy)
 
     def test_noupstream_on_refused_connect_and_custom_variable(self):
-        dead = socket.socket()
-        dead.bind(("127.0.0.1", 0))
-        port = dead.getsockname()[1]
-        dead.close()    # nothing listens there: connect is refused
+        port = dead_port()
         proxy = self.proxy(BASIC.replace("listen = 127.0.0.1:0", "listen = 127.0.0.1:0\nfailure_variable = WHY")
                            % port)
         sock = socket.create_connection(("127.0.0.1", self.port(proxy)), TIMEOUT)
@@ -984,10 +988,6 @@ class SessionEndTest(ProxyCase):
 class FailoverTest(ProxyCase):
 
     def test_refused_server_is_skipped_and_remembered(self):
-        dead = socket.socket()
-        dead.bind(("127.0.0.1", 0))
-        dead_port = dead.getsockname()[1]
-        dead.close()
         upstream = self.server()
         proxy = self.proxy("""
             [agiproxy]
@@ -1001,13 +1001,877 @@ class FailoverTest(ProxyCase):
             [route all]
             path = *
             pool = main
-        """ % (dead_port, upstream.port))
+        """ % (dead_port(), upstream.port))
         for _ in range(5):
             self.assertEqual(asterisk(self.port(proxy)).commands[0], b"ANSWER")
         failures = [m for m in LOG.messages() if "connect failed" in m]
         self.assertEqual(len(failures), 1, failures)      # only the first session tried the dead one
         self.assertEqual(len(upstream.headers), 5)
         self.assertIdle(proxy)
+
+
+###############################################################################
+# Issue 3: pools that never make a caller wait ################################
+###############################################################################
+
+
+def dead_port(host="127.0.0.1"):
+    """A port nothing listens on: connects to it are refused at once."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.bind((host, 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+class BlackHole(object):
+    """A listening socket that never accepts and whose backlog is full, so SYNs are dropped.
+
+    A connect to it neither succeeds nor is refused: it times out.  The constructor
+    checks that on this box and raises SkipTest when the kernel answers anyway."""
+
+    def __init__(self, port=0, host="127.0.0.1"):
+        self.host = host
+        self.sock = socket.socket(socket.AF_INET)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(0)
+        self.port = self.sock.getsockname()[1]
+        self.fillers = []
+        for _ in range(8):
+            if self._connect_times_out():
+                return
+            filler = socket.socket(socket.AF_INET)
+            filler.setblocking(False)
+            filler.connect_ex((host, self.port))
+            self.fillers.append(filler)
+        self.close()
+        raise unittest.SkipTest("cannot make a black-holed port on this box")
+
+    def _connect_times_out(self):
+        try:
+            probe = socket.create_connection((self.host, self.port), 0.05)
+        except socket.timeout:
+            return True
+        except OSError:
+            return False
+        self.fillers.append(probe)      # it sits in the backlog now: that fills it too
+        return False
+
+    def close(self):
+        for sock in self.fillers + [self.sock]:
+            agiproxy.close_quietly(sock)
+        self.fillers = []
+
+
+def close_listener(server):
+    """Make FakeServer *server* refuse connects.  shutdown() wakes its accept(); close() alone does not."""
+    try:
+        server.sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    server.sock.close()
+    server.acceptor.join(TIMEOUT)
+
+
+def reopen_listener(server):
+    """Listen again on the same port as FakeServer *server* (after close_listener)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in server.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((server.host, server.port))
+    sock.listen(128)
+    server.sock = sock
+    server.stopping = False
+    server.acceptor = threading.Thread(target=server._accept, daemon=True)
+    server.acceptor.start()
+
+
+def header(path):
+    """A complete Asterisk-like header for agi://127.0.0.1:4573/<path>."""
+    return agiproxy.synthetic_header("agi://127.0.0.1:4573/" + path)
+
+
+def drain(conn):
+    """Read until EOF (the other side closed) or error."""
+    conn.settimeout(TIMEOUT)
+    try:
+        while conn.recv(4096):
+            pass
+    except OSError:
+        pass
+
+
+def hold_or_answer(conn, header, server):
+    """Hold a session whose request path contains /hold until the client closes; else one ANSWER."""
+    if b"/hold" in header.split(b"agi_request:", 1)[-1].split(b"\n", 1)[0]:
+        drain(conn)
+    else:
+        conn.sendall(b"ANSWER\n")
+        agiproxy.read_line(conn, time.monotonic() + TIMEOUT)
+
+
+def timed(port, header=None):
+    started = time.monotonic()
+    transcript = asterisk(port, header)
+    return transcript, time.monotonic() - started
+
+
+SERVED = [b"ANSWER", b"GET VARIABLE CHANNEL"]
+
+
+class PoolCase(ProxyCase):
+    """Helpers for pool tests: dead and black-holed ports, server state, held sessions."""
+
+    def dead(self):
+        return dead_port()
+
+    def black_hole(self, port=0):
+        hole = BlackHole(port)
+        self.addCleanup(hole.close)
+        return hole
+
+    def closable(self, *args, **kwargs):
+        """A FakeServer that the test may close and reopen on the same port."""
+        server = self.server(*args, **kwargs)
+        self.addCleanup(close_listener, server)
+        return server
+
+    def tempdir(self):
+        path = tempfile.mkdtemp(prefix="agiproxy-h3-")
+        self.addCleanup(shutil.rmtree, path, True)
+        return path
+
+    @staticmethod
+    def state(proxy, port, host="127.0.0.1"):
+        with proxy.lock:
+            return proxy.upstreams.states[(host, port, False)]
+
+    def hold(self, proxy, upstream, path="hold"):
+        """Open a session that the upstream holds; return the client socket (close it to end)."""
+        before = len(upstream.headers)
+        sock = socket.create_connection(("127.0.0.1", self.port(proxy)), TIMEOUT)
+        self.addCleanup(sock.close)
+        sock.sendall(header(path))
+        wait_until(lambda: len(upstream.headers) > before, message="the upstream to get the held session")
+        return sock
+
+    @staticmethod
+    def log_has(text):
+        return any(text in m for m in LOG.messages())
+
+
+class PoolPassiveHealthTest(PoolCase):
+    """Items 1-3: a refused or black-holed server costs one session, then half-open trials."""
+
+    def test_refused_server_costs_nothing_afterwards_even_for_a_burst(self):
+        dead = self.dead()
+        upstream = self.server()
+        proxy = self.proxy("""
+            [agiproxy]
+            listen = 127.0.0.1:0
+            [pool main]
+            retry_after = 30
+            servers =
+                127.0.0.1:%d
+                127.0.0.1:%d
+            [route all]
+            path = *
+            pool = main
+        """ % (dead, upstream.port))
+        transcript, first = timed(self.port(proxy))
+        self.assertEqual(transcript.commands, SERVED)
+        state = self.state(proxy, dead)
+        wait_until(lambda: not state.up, message="the refused server to be down")
+        self.assertEqual(state.connect_failures, 1)
+        self.assertIn("connect failed", state.why_down)
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(timed(self.port(proxy))))
+                   for _ in range(10)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(TIMEOUT)
+        self.assertEqual(len(results), 10)
+        self.assertTrue(all(t.commands == SERVED for t, _ in results), results)
+        self.assertEqual(state.connect_failures, 1, "a session after the first tried the refused server")
+        self.assertLess(max(elapsed for _, elapsed in results), 1.0)
+        self.assertEqual(len(upstream.headers), 11)
+        self.assertIdle(proxy)
+
+    def test_black_hole_costs_one_connect_timeout_in_total(self):
+        hole = self.black_hole()
+        upstream = self.server()
+        proxy = self.proxy("""
+            [agiproxy]
+            listen = 127.0.0.1:0
+            connect_timeout = 500ms
+            [pool main]
+            retry_after = 5
+            servers =
+                127.0.0.1:%d
+                127.0.0.1:%d
+            [route all]
+            path = *
+            pool = main
+        """ % (hole.port, upstream.port))
+        times = []
+        for _ in range(6):
+            transcript, elapsed = timed(self.port(proxy))
+            self.assertEqual(transcript.commands, SERVED)
+            times.append(elapsed)
+        self.assertGreaterEqual(times[0], 0.45, times)          # the first session paid connect_timeout...
+        self.assertLess(times[0], 1.5, times)
+        self.assertLess(sum(times[1:]), 0.5, times)             # ...and nobody after it
+        self.assertLess(sum(times), 0.5 + 1.0, times)
+        state = self.state(proxy, hole.port)
+        self.assertFalse(state.up)
+        self.assertEqual(state.connect_failures, 1)
+        self.assertEqual(state.why_down, "connect failed: timed out")
+        self.assertEqual(len(upstream.headers), 6)
+        self.assertTrue(self.log_has("server 127.0.0.1:%d of pool main is down: connect failed: timed out"
+                                     % hole.port))
+        self.assertIdle(proxy)
+
+    def test_half_open_trial_backoff_doubles_and_success_brings_it_back(self):
+        revived = self.closable()
+        close_listener(revived)                    # refused from now on
+        port = revived.port
+        upstream = self.server()
+        proxy = self.proxy("""
+            [agiproxy]
+            listen = 127.0.0.1:0
+            connect_timeout = 400ms
+            [pool main]
+            retry_after = 200ms
+            retry_after_max = 5
+            servers =
+                127.0.0.1:%d
+                127.0.0.1:%d
+            [route all]
+            path = *
+            pool = main
+        """ % (port, upstream.port))
+        state = self.state(proxy, port)
+        self.assertEqual(asterisk(self.port(proxy)).commands, SERVED)
+        self.assertEqual((state.up, state.backoff, state.connect_failures), (False, 0.2, 1))
+        retry_at = state.retry_at
+        self.assertEqual(asterisk(self.port(proxy)).commands, SERVED)      # within the back-off
+        self.assertLess(time.monotonic(), retry_at, "test too slow to tell")
+        self.assertEqual(state.connect_failures, 1)
+        # After the back-off one session tries it (still refused): the back-off doubles.
+        wait_until(lambda: time.monotonic() >= state.retry_at, message="retry_after to pass")
+        self.assertEqual(asterisk(self.port(proxy)).commands, SERVED)
+        self.assertEqual((state.up, state.backoff, state.connect_failures), (False, 0.4, 2))
+        # Now it black-holes: exactly one session is the trial; the others go on meanwhile.
+        hole = self.black_hole(port)
+        wait_until(lambda: time.monotonic() >= state.retry_at, message="the doubled back-off to pass")
+        trial = []
+        thread = threading.Thread(target=lambda: trial.append(timed(self.port(proxy))))
+        thread.start()
+        wait_until(lambda: state.trial, timeout=0.3, message="a session to start the half-open trial")
+        others = [timed(self.port(proxy)) for _ in range(3)]
+        still_trying = state.trial
+        thread.join(TIMEOUT)
+        self.assertTrue(still_trying, "the trial should still be connecting while the others were served")
+        self.assertTrue(all(t.commands == SERVED and e < 0.3 for t, e in others), others)
+        self.assertEqual(trial[0][0].commands, SERVED)
+        self.assertGreaterEqual(trial[0][1], 0.35)
+        self.assertEqual((state.up, state.backoff, state.connect_failures), (False, 0.8, 3))
+        # It comes back: the next trial succeeds and marks it up; sessions return to it.
+        hole.close()
+        reopen_listener(revived)
+        served_before = len(upstream.headers)
+        wait_until(lambda: time.monotonic() >= state.retry_at, message="the back-off to pass again")
+        self.assertEqual(asterisk(self.port(proxy)).commands, SERVED)
+        self.assertEqual((state.up, state.backoff, state.trial, state.why_down), (True, 0.0, False, ""))
+        self.assertEqual(asterisk(self.port(proxy)).commands, SERVED)
+        self.assertEqual(len(revived.headers), 2)
+        self.assertEqual(len(upstream.headers), served_before)
+        self.assertTrue(self.log_has("server 127.0.0.1:%d of pool main is up again" % port))
+        self.assertIdle(proxy)
+
+    def test_a_burst_of_failures_from_one_outage_is_one_backoff_step(self):
+        """Sessions that reserved the server before it was known down are not failed trials:
+        they should not double the back-off (retry_after 0.2 s must not become 1.6 s)."""
+        hole = self.black_hole()
+        upstream = self.server()
+        proxy = self.proxy("""
+            [agiproxy]
+            listen = 127.0.0.1:0
+            connect_timeout = 400ms
+            [pool main]
+            retry_after = 200ms
+            retry_after_max = 10
+            servers =
+                127.0.0.1:%d
+                127.0.0.1:%d
+            [route all]
+            path = *
+            pool = main
+        """ % (hole.port, upstream.port))
+        state = self.state(proxy, hole.port)
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(asterisk(self.port(proxy)))) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: state.active == 4, timeout=0.35, message="4 sessions connecting to the black hole")
+        for thread in threads:
+            thread.join(TIMEOUT)
+        self.assertEqual([r.commands for r in results], [SERVED] * 4)
+        self.assertEqual(state.connect_failures, 4)
+        self.assertFalse(state.up)
+        self.assertEqual(state.backoff, 0.2, "one outage seen by 4 sessions at once escalated the back-off")
+
+
+class PoolBackupTest(PoolCase):
+    """Item 4: backups take the sessions while the primaries are down, and give them back."""
+
+    def test_backup_in_and_back_out(self):
+        first, second = self.closable(), self.closable()
+        close_listener(first)
+        close_listener(second)
+        backup = self.server()
+        proxy = self.proxy("""
+            [agiproxy]
+            listen = 127.0.0.1:0
+            [pool main]
+            mode = round-robin
+            retry_after = 200ms
+            retry_after_max = 200ms
+            servers =
+                127.0.0.1:%d
+                127.0.0.1:%d
+                127.0.0.1:%d backup
+            [route all]
+            path = *
+            pool = main
+        """ % (first.port, second.port, backup.port))
+        for _ in range(4):
+            self.assertEqual(asterisk(self.port(proxy)).commands, SERVED)
+        states = [self.state(proxy, s.port) for s in (first, second)]
+        self.assertEqual([(s.up, s.connect_failures) for s in states], [(False, 1), (False, 1)])
+        self.assertEqual(len(backup.headers), 4)
+        reopen_listener(first)
+        reopen_listener(second)
+        wait_until(lambda: all(time.monotonic() >= s.retry_at for s in states), message="the back-off to pass")
+        for _ in range(6):
+            self.assertEqual(asterisk(self.port(proxy)).commands, SERVED)
+        self.assertEqual([s.up for s in states], [True, True])
+        self.assertEqual(len(backup.headers), 4, "the backup still got sessions after the primaries came back")
+        self.assertEqual((len(first.headers), len(second.headers)), (3, 3))
+        self.assertIdle(proxy)
+
+
+class PoolBusyTest(PoolCase):
+    """Item 5: BUSY and NOUPSTREAM as the dialplan sees them."""
+
+    def test_global_max_sessions_gives_busy(self):
+        upstream = self.server(behaviour=hold_or_answer)
+        proxy = self.proxy(BASIC.replace("listen = 127.0.0.1:0", "listen = 127.0.0.1:0\nmax_sessions = 1"),
+                           upstream)
+        holder = self.hold(proxy, upstream)
+        transcript = asterisk(self.port(proxy), header("x"))
+        self.assertEqual(transcript, ([b"SET VARIABLE AGIPROXY_STATUS BUSY"], True, "BUSY"))
+        self.assertEqual(len(upstream.headers), 1)
+        holder.close()
+        self.assertIdle(proxy)
+        self.assertEqual(asterisk(self.port(proxy), header("x")).commands, [b"ANSWER"])
+
+    def test_down_plus_full_is_busy_not_noupstream(self):
+        dead = self.dead()
+        upstream = self.server(behaviour=hold_or_answer)
+        proxy = self.proxy("""
+            [agiproxy]
+            listen = 127.0.0.1:0
+            [pool main]
+            retry_after = 30
+            servers =
+                127.0.0.1:%d
+                127.0.0.1:%d max=1
+            [route all]
+            path = *
+            pool = main
+        """ % (dead, upstream.port))
+        holder = self.hold(proxy, upstream)           # marks the dead one down on the way
+        self.assertFalse(self.state(proxy, dead).up)
+        self.assertEqual(asterisk(self.port(proxy), header("x")).status, "BUSY")
+        holder.close()
+        self.assertIdle(proxy)
+        self.assertEqual(asterisk(self.port(proxy), header("x")).commands, [b"ANSWER"])
+        self.assertEqual(self.state(proxy, dead).connect_failures, 1)
+
+    def test_noupstream_without_a_connect_while_the_only_server_is_down(self):
+        dead = self.dead()
+        proxy = self.proxy((BASIC % dead).replace("servers", "retry_after = 30\nservers"))
+        first = asterisk(self.port(proxy))
+        second, elapsed = timed(self.port(proxy))
+        for transcript in (first, second):
+            self.assertEqual(transcript, ([b"SET VARIABLE AGIPROXY_STATUS NOUPSTREAM"], True, "NOUPSTREAM"))
+        self.assertEqual(self.state(proxy, dead).connect_failures, 1)
+        self.assertLess(elapsed, 0.5)
+        self.assertTrue(self.log_has("pool main: every server is down"))
+        self.assertIdle(proxy)
+
+
+class CheckRecorder(object):
+    """Wrap proxy.check_result to record (passed, up after) for one server, in order."""
+
+    def __init__(self, proxy, port):
+        self.events = []
+        self.lock = threading.Lock()
+        original = proxy.check_result
+
+        def recording(pool, member, why):
+            original(pool, member, why)
+            if member.state.port == port:
+                with self.lock:
+                    self.events.append((why is None, member.state.up))
+
+        proxy.check_result = recording
+
+    def snapshot(self):
+        with self.lock:
+            return list(self.events)
+
+    def streak_before_flip(self, start, up):
+        """Checks in a row (all of one result) that led to the first state *up* at or after *start*."""
+        events = self.snapshot()
+        index = next(i for i in range(start, len(events)) if events[i][1] == up)
+        passed = events[index][0]
+        first = index
+        while first > 0 and events[first - 1][0] == passed:
+            first -= 1
+        before = events[first:index]
+        return index - first + 1, passed, all(e[1] != up for e in before)
+
+
+class PoolActiveCheckTest(PoolCase):
+    """Item 6: check = tcp and check = agi with rise/fall; checks end with the proxy."""
+
+    CONFIG = """
+        [agiproxy]
+        listen = 127.0.0.1:0
+        [pool main]
+        check = %s
+        check_path = /h3/health
+        check_interval = 50ms
+        check_timeout = 150ms
+        rise = 2
+        fall = 3
+        retry_after = 50ms
+        servers = 127.0.0.1:%d
+        [route all]
+        path = *
+        pool = main
+    """
+
+    def test_tcp_check_fall_then_rise(self):
+        upstream = self.closable()
+        proxy = self.proxy(self.CONFIG % ("tcp", upstream.port))
+        recorder = CheckRecorder(proxy, upstream.port)
+        state = self.state(proxy, upstream.port)
+        wait_until(lambda: len(recorder.snapshot()) >= 2, message="two checks")
+        self.assertTrue(all(e == (True, True) for e in recorder.snapshot()))
+        start = len(recorder.snapshot())
+        close_listener(upstream)
+        wait_until(lambda: not state.up, message="fall = 3 failed checks")
+        self.assertEqual(recorder.streak_before_flip(start, False), (3, False, True))
+        self.assertIn("3 checks failed", state.why_down)
+        wait_until(lambda: time.monotonic() >= state.retry_at, message="retry_after to pass")
+        self.assertEqual(asterisk(self.port(proxy)).status, "NOUPSTREAM")    # checks decide: no trial
+        self.assertEqual(state.connect_failures, 0)
+        start = len(recorder.snapshot())
+        reopen_listener(upstream)
+        wait_until(lambda: state.up, message="rise = 2 passed checks")
+        self.assertEqual(recorder.streak_before_flip(start, True), (2, True, True))
+        self.assertEqual(asterisk(self.port(proxy)).commands, SERVED)
+        self.assertIdle(proxy)
+
+    def test_agi_check_header_fall_rise_and_stop_at_shutdown(self):
+        healthy = threading.Event()
+        healthy.set()
+
+        def behaviour(conn, header, server):
+            if b"agi_network_script: h3/health\n" not in header:
+                hold_or_answer(conn, header, server)
+            elif healthy.is_set():
+                conn.sendall(b"NOOP\n")
+                drain(conn)
+            else:
+                drain(conn)      # never says anything: the check times out and closes
+
+        upstream = self.server(behaviour=behaviour)
+        proxy = self.proxy(self.CONFIG % ("agi", upstream.port))
+        recorder = CheckRecorder(proxy, upstream.port)
+        state = self.state(proxy, upstream.port)
+        wait_until(lambda: len(recorder.snapshot()) >= 2, message="two checks")
+        check = upstream.headers[0]
+        self.assertTrue(check.startswith(b"agi_network: yes\n"), check)
+        self.assertTrue(check.endswith(b"\n\n"), check)
+        self.assertEqual(agiproxy.header_end(check), len(check))
+        parsed = agiproxy.AgiHeader.parse(check)
+        self.assertEqual(parsed.get("agi_network_script"), "h3/health")
+        self.assertEqual(parsed.get("agi_request"), "agi://127.0.0.1:%d/h3/health" % upstream.port)
+        self.assertTrue(parsed.get("agi_request").endswith("/h3/health"))
+        self.assertTrue(all(e == (True, True) for e in recorder.snapshot()))
+        start = len(recorder.snapshot())
+        healthy.clear()
+        wait_until(lambda: not state.up, message="fall = 3 silent checks")
+        self.assertEqual(recorder.streak_before_flip(start, False), (3, False, True))
+        self.assertIn("timed out", state.why_down)
+        self.assertEqual(asterisk(self.port(proxy), header("x")).status, "NOUPSTREAM")
+        start = len(recorder.snapshot())
+        healthy.set()
+        wait_until(lambda: state.up, message="rise = 2 passing checks")
+        self.assertEqual(recorder.streak_before_flip(start, True), (2, True, True))
+        self.assertEqual(asterisk(self.port(proxy), header("x")).commands, [b"ANSWER"])
+        checkers = list(proxy.checkers)
+        self.assertEqual(len(checkers), 1)
+        self.assertTrue(checkers[0].is_alive())
+        proxy.shutdown()
+        self.assertFalse(checkers[0].is_alive(), "the check thread outlived proxy.shutdown()")
+        self.assertEqual(proxy.checkers, [])
+        count = len(recorder.snapshot())
+        checkers[0].join(0.2)
+        self.assertEqual(len(recorder.snapshot()), count)
+
+
+class PoolConnectBudgetTest(PoolCase):
+    """Item 7: black-holed servers cost at most connect_budget, not N x connect_timeout."""
+
+    def test_budget_caps_the_wait_for_noupstream(self):
+        holes = [self.black_hole() for _ in range(5)]
+        proxy = self.proxy("""
+            [agiproxy]
+            listen = 127.0.0.1:0
+            connect_timeout = 400ms
+            connect_budget = 600ms
+            [pool main]
+            servers =
+                %s
+            [route all]
+            path = *
+            pool = main
+        """ % "\n                ".join("127.0.0.1:%d" % h.port for h in holes))
+        transcript, elapsed = timed(self.port(proxy))
+        self.assertEqual(transcript, ([b"SET VARIABLE AGIPROXY_STATUS NOUPSTREAM"], True, "NOUPSTREAM"))
+        self.assertGreater(elapsed, 0.55)
+        self.assertLess(elapsed, 0.6 + 1.0)            # 5 x 0.4 s would be 2 s
+        failures = [self.state(proxy, h.port).connect_failures for h in holes]
+        self.assertEqual(failures, [1, 1, 0, 0, 0])
+        self.assertTrue(self.log_has("connect_budget = 0.6s spent"))
+        self.assertIdle(proxy)
+
+
+class PoolEarlyCloseTest(PoolCase):
+    """Item 8: a live port whose application closes before any command is taken out."""
+
+    POOL = """
+        [agiproxy]
+        listen = 127.0.0.1:0
+        [pool main]
+        early_close_limit = %d
+        retry_after = %s
+        retry_after_max = 60
+        servers =
+            127.0.0.1:%d
+            127.0.0.1:%d
+        [route all]
+        path = *
+        pool = main
+    """
+
+    def test_marked_down_after_early_close_limit(self):
+        bad = self.server(behaviour=lambda conn, header, server: None)
+        good = self.server()
+        proxy = self.proxy(self.POOL % (3, "30", bad.port, good.port))
+        state = self.state(proxy, bad.port)
+        for number in range(1, 4):
+            self.assertEqual(asterisk(self.port(proxy)), ([], False, None))
+            self.assertIdle(proxy)
+            self.assertEqual(state.up, number < 3)
+            self.assertEqual(state.early_closes, number % 3)
+        self.assertEqual(state.why_down, "closed 3 sessions in a row without a command")
+        for _ in range(2):
+            self.assertEqual(asterisk(self.port(proxy)).commands, SERVED)
+        self.assertEqual((len(bad.headers), len(good.headers)), (3, 2))
+
+    def test_a_command_resets_the_count(self):
+        plan = ["close", "close", "answer", "close", "close", "close"]
+
+        def behaviour(conn, header, server):
+            if plan.pop(0) == "answer":
+                conn.sendall(b"ANSWER\n")
+                agiproxy.read_line(conn, time.monotonic() + TIMEOUT)
+
+        flaky = self.server(behaviour=behaviour)
+        good = self.server()
+        proxy = self.proxy(self.POOL % (3, "30", flaky.port, good.port))
+        state = self.state(proxy, flaky.port)
+        counts = []
+        for _ in range(5):
+            asterisk(self.port(proxy))
+            self.assertIdle(proxy)
+            counts.append((state.up, state.early_closes))
+        self.assertEqual(counts, [(True, 1), (True, 2), (True, 0), (True, 1), (True, 2)])
+        asterisk(self.port(proxy))
+        self.assertIdle(proxy)
+        self.assertFalse(state.up)
+        self.assertEqual(len(flaky.headers), 6)
+
+    def test_an_early_closing_trial_keeps_it_down_and_doubles_the_backoff(self):
+        """The half-open trial of a server taken out for early closes 'succeeds' at TCP level;
+        the session it then ruins must count as a failed trial, not bring it back for
+        early_close_limit more ruined calls with the back-off reset."""
+        bad = self.server(behaviour=lambda conn, header, server: None)
+        good = self.server()
+        proxy = self.proxy(self.POOL % (2, "200ms", bad.port, good.port))
+        state = self.state(proxy, bad.port)
+        for _ in range(2):
+            asterisk(self.port(proxy))
+            self.assertIdle(proxy)
+        self.assertFalse(state.up)
+        wait_until(lambda: time.monotonic() >= state.retry_at, message="retry_after to pass")
+        self.assertEqual(asterisk(self.port(proxy)).commands, [])          # the trial: closed again
+        self.assertIdle(proxy)
+        self.assertEqual(len(bad.headers), 3)
+        after = asterisk(self.port(proxy))
+        self.assertIdle(proxy)
+        self.assertEqual((len(bad.headers), len(good.headers)), (3, 1),
+                         "the session after a failed early-close trial went to the bad server again")
+        self.assertEqual(after.commands, SERVED)
+        self.assertFalse(state.up)
+        self.assertEqual(state.backoff, 0.4)
+
+
+class PoolHookTest(PoolCase):
+    """Item 9: on_saturation/on_recovery fire once per saturation_interval; a hung hook is killed."""
+
+    def hook_script(self, body):
+        path = os.path.join(self.tempdir(), "hook.sh")
+        with open(path, "w") as handle:
+            handle.write("#!/bin/sh\n" + body + "\n")
+        os.chmod(path, stat.S_IRWXU)
+        return path
+
+    def lines(self, path):
+        try:
+            with open(path) as handle:
+                return handle.read().splitlines()
+        except IOError:
+            return []
+
+    def test_saturation_and_recovery_once_per_interval(self):
+        out = os.path.join(self.tempdir(), "calls")
+        script = self.hook_script('echo "$@" >> %s' % out)
+        upstream = self.server(behaviour=hold_or_answer)
+        proxy = self.proxy("""
+            [agiproxy]
+            listen = 127.0.0.1:0
+            [pool main]
+            saturation = 0.5
+            saturation_interval = 600ms
+            on_saturation = %s sat {pool} {active} {capacity}
+            on_recovery = %s rec {pool} {active} {capacity}
+            hook_timeout = 5
+            servers = 127.0.0.1:%d max=4
+            [route all]
+            path = *
+            pool = main
+        """ % (script, script, upstream.port))
+        with proxy.lock:
+            pool = proxy.upstreams.pools["main"]
+        first = self.hold(proxy, upstream)
+        self.assertEqual(self.lines(out), [])                                  # 1/4 is below 0.5
+        second = self.hold(proxy, upstream)
+        wait_until(lambda: self.lines(out) == ["sat main 2 4"], message="on_saturation")
+        fired_at = pool.saturation_hook_at
+        second.close()
+        wait_until(lambda: self.lines(out) == ["sat main 2 4", "rec main 1 4"], message="on_recovery")
+        second = self.hold(proxy, upstream)                                    # saturated again, too soon
+        self.assertLess(time.monotonic() - fired_at, 0.6, "test too slow to tell")
+        with proxy.lock:
+            self.assertEqual((pool.saturated, pool.saturation_hook_at), (False, fired_at))
+        second.close()
+        self.wait_pool_active(proxy, pool, 1)
+        wait_until(lambda: time.monotonic() - fired_at >= 0.6, message="saturation_interval to pass")
+        second = self.hold(proxy, upstream)
+        wait_until(lambda: len(self.lines(out)) == 3, message="on_saturation after the interval")
+        second.close()
+        first.close()
+        wait_until(lambda: len(self.lines(out)) == 4, message="on_recovery again")
+        self.assertEqual(self.lines(out), ["sat main 2 4", "rec main 1 4", "sat main 2 4", "rec main 1 4"])
+        self.assertIdle(proxy)
+        self.assertTrue(self.log_has("on_saturation hook %s sat main 2 4 done" % script))
+
+    def wait_pool_active(self, proxy, pool, active):
+        wait_until(lambda: pool.active == active, message="pool active back to %d" % active)
+
+    def test_hung_hook_does_not_block_sessions_and_is_killed(self):
+        pidfile = os.path.join(self.tempdir(), "pid")
+        script = self.hook_script("echo $$ > %s\nexec sleep 30" % pidfile)
+        upstream = self.server()
+        proxy = self.proxy("""
+            [agiproxy]
+            listen = 127.0.0.1:0
+            [pool main]
+            saturation = 0.5
+            on_saturation = %s {pool}
+            hook_timeout = 300ms
+            servers = 127.0.0.1:%d max=2
+            [route all]
+            path = *
+            pool = main
+        """ % (script, upstream.port))
+        transcript, elapsed = timed(self.port(proxy))           # 1/2: saturated, the hook hangs
+        self.assertEqual(transcript.commands, SERVED)
+        self.assertLess(elapsed, 0.25)
+        pid = int(wait_until(lambda: "".join(self.lines(pidfile)).strip(), message="the hook to start"))
+        for _ in range(3):
+            self.assertEqual(asterisk(self.port(proxy)).commands, SERVED)
+        wait_until(lambda: self.log_has("on_saturation hook %s still running after 0.3s: killed" % script),
+                   timeout=3, message="the hung hook to be killed")
+
+        def gone():
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            return False
+
+        wait_until(gone, timeout=2, message="the hook process to be gone")
+        self.assertIdle(proxy)
+
+    def test_recovery_fires_when_the_saturating_session_fails_to_connect(self):
+        """on_saturation fired for a slot taken on a dead server; once that slot is given
+        back (NOUPSTREAM) the pool is idle again, so on_recovery is due."""
+        out = os.path.join(self.tempdir(), "calls")
+        script = self.hook_script('echo "$@" >> %s' % out)
+        dead = self.dead()
+        proxy = self.proxy("""
+            [agiproxy]
+            listen = 127.0.0.1:0
+            [pool main]
+            saturation = 0.5
+            on_saturation = %s sat {active}
+            on_recovery = %s rec {active}
+            servers = 127.0.0.1:%d max=2
+            [route all]
+            path = *
+            pool = main
+        """ % (script, script, dead))
+        self.assertEqual(asterisk(self.port(proxy)).status, "NOUPSTREAM")
+        self.assertIdle(proxy)
+        wait_until(lambda: self.lines(out)[:1] == ["sat 1"], message="on_saturation")
+        with proxy.lock:
+            saturated = proxy.upstreams.pools["main"].saturated
+        self.assertFalse(saturated, "pool still flagged saturated with no session left")
+        wait_until(lambda: self.lines(out) == ["sat 1", "rec 0"], timeout=2, message="on_recovery")
+
+
+class PoolReloadStateTest(PoolCase):
+    """Item 10: a reload keeps each surviving server's ServerState (counts and health)."""
+
+    CONFIG = """
+        [agiproxy]
+        listen = 127.0.0.1:0
+        [pool main]
+        retry_after = 30
+        servers =
+            127.0.0.1:%d
+            127.0.0.1:%d
+            %s
+        [route all]
+        path = *
+        pool = main
+    """
+
+    def test_states_survive_and_new_servers_start_fresh(self):
+        dead = self.dead()
+        upstream = self.server(behaviour=hold_or_answer)
+        extra = self.server(behaviour=hold_or_answer)
+        proxy = self.proxy(self.CONFIG % (dead, upstream.port, ""))
+        holder = self.hold(proxy, upstream)           # marks dead down on the way, holds a slot on upstream
+        old = proxy.upstreams
+        live, down = old.states[("127.0.0.1", upstream.port, False)], old.states[("127.0.0.1", dead, False)]
+        self.assertEqual((live.active, live.up, down.up, down.connect_failures), (1, True, False, 1))
+        text = textwrap.dedent(self.CONFIG % (dead, upstream.port, "127.0.0.1:%d" % extra.port))
+        new = agiproxy.Upstreams(agiproxy.parse_config(text, "<test>"), previous=old)
+        self.assertIs(new.states[("127.0.0.1", upstream.port, False)], live)
+        self.assertIs(new.states[("127.0.0.1", dead, False)], down)
+        fresh = new.states[("127.0.0.1", extra.port, False)]
+        self.assertNotIn(("127.0.0.1", extra.port, False), old.states)
+        self.assertEqual((fresh.active, fresh.up, fresh.connect_failures, fresh.sessions), (0, True, 0, 0))
+        self.assertEqual([m.state for m in new.pools["main"].members], [down, live, fresh])
+        self.assertIsNot(new.pools["main"], old.pools["main"])
+        self.assertEqual(new.pools["main"].active, 1)
+        # Switch the running proxy to it (what SIGHUP does) and keep serving.
+        path = os.path.join(self.tempdir(), "agiproxy.conf")
+        with open(path, "w") as handle:
+            handle.write(text)
+        self.assertTrue(proxy.reload(path))
+        self.assertIs(proxy.upstreams.states[("127.0.0.1", upstream.port, False)], live)
+        self.assertEqual(asterisk(self.port(proxy), header("x")).commands, [b"ANSWER"])
+        self.assertEqual(down.connect_failures, 1)    # still down: not retried after the reload
+        holder.close()                                # the old session gives its slot back to the same state
+        self.assertIdle(proxy)
+        self.assertEqual((live.active, live.sessions), (0, 2))
+        self.assertEqual(len(upstream.headers), 2)
+        self.assertEqual(len(extra.headers), 0)
+
+
+class PoolConfigTest(unittest.TestCase):
+    """Item 11: parse_config and --check reject bad pool keys, naming them."""
+
+    BASE = "[agiproxy]\n[pool main]\nservers = 127.0.0.1:4600%s\n%s\n[route r]\npath = *\npool = main\n"
+
+    def error(self, extra, server_options=""):
+        with self.assertRaises(agiproxy.ConfigError) as caught:
+            make_config(self.BASE % (server_options, extra))
+        return str(caught.exception)
+
+    def test_pool_key_errors(self):
+        self.assertIn("[pool main] check", self.error("check = http"))
+        self.assertIn("none, tcp, agi", self.error("check = http"))
+        self.assertIn("rise and fall must be 1 or more", self.error("check = agi\nrise = 0"))
+        self.assertIn("rise and fall must be 1 or more", self.error("check = tcp\nfall = 0"))
+        make_config(self.BASE % ("", "rise = 0"))                   # fine while checks are off
+        message = self.error("on_saturation = /bin/true {pool}")
+        self.assertIn("[pool main] on_saturation", message)
+        self.assertIn("max=N", message)
+        self.assertIn("max=N", self.error("on_recovery = /bin/true"))
+        make_config(self.BASE % (" max=3", "on_recovery = /bin/true {capacity}"))
+        self.assertIn("[pool main] retry_after_max", self.error("retry_after = 10\nretry_after_max = 5"))
+        message = self.error("on_saturation = /bin/scale {pool} {load}", " max=3")
+        self.assertIn("unknown placeholder {load}", message)
+        self.assertIn("[pool main] on_saturation", message)
+        self.assertIn("[pool main] saturation", self.error("saturation = 1.5"))
+        self.assertIn("[pool main] saturation", self.error("saturation = 0"))
+        self.assertIn("[pool main] check_interval", self.error("check_interval = often"))
+        self.assertIn("[pool main] early_close_limit", self.error("early_close_limit = -1"))
+
+    def test_zero_check_interval_or_timeout_rejected(self):
+        """check_interval = 0 makes the checker spin against the servers; check_timeout = 0
+        makes every connect non-blocking, so every check fails and every server goes down."""
+        self.assertIn("check_interval", self.error("check = tcp\ncheck_interval = 0"))
+        self.assertIn("check_timeout", self.error("check = tcp\ncheck_timeout = 0"))
+
+    def test_check_command_line(self):
+        folder = tempfile.mkdtemp(prefix="agiproxy-h3-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        path = os.path.join(folder, "agiproxy.conf")
+        results = []
+        for extra in ("check = agi\nrise = 0", "check = agi\nrise = 2"):
+            with open(path, "w") as handle:
+                handle.write(self.BASE % ("", extra))
+            process = subprocess.Popen([sys.executable, PROGRAM, "-c", path, "--check"], stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, universal_newlines=True)
+            out, err = process.communicate(timeout=TIMEOUT)
+            results.append((process.returncode, out, err))
+        self.assertEqual(results[0][0], 2)
+        self.assertIn("%s:5: [pool main] rise" % path, results[0][2])
+        self.assertEqual(results[1][0], 0, results[1])
+        self.assertIn("configuration OK", results[1][1])
 
 
 ###############################################################################
