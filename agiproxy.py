@@ -1022,8 +1022,17 @@ class Upstreams(object):
 #: poll() where the platform has it: select() fails on descriptors past 1024.
 Selector = getattr(selectors, "PollSelector", selectors.SelectSelector)
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+#: errno values that mean this process, not the peer, ran short.
+LOCAL_SHORTAGE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 #: What a non-blocking read or write raises when it would have to wait.
 WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
+#: OpenSSL 3 reports a TLS peer that closes without close_notify as an error;
+#: FastAGI peers commonly do, and for a line protocol a close is a close.
+#: (ssl.OP_IGNORE_UNEXPECTED_EOF from Python 3.10; the same bit before it.)
+IGNORE_UNEXPECTED_EOF = getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF",
+                                0x80 if ssl.OPENSSL_VERSION_INFO >= (3,) else 0)
 
 
 def _require_tls12(context):
@@ -1031,6 +1040,7 @@ def _require_tls12(context):
         context.minimum_version = ssl.TLSVersion.TLSv1_2
     else:  # Python 3.6
         context.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
+    context.options |= IGNORE_UNEXPECTED_EOF
 
 
 def make_server_context(settings):
@@ -1361,8 +1371,10 @@ class Session(object):
                     raise socket.timeout("connect_budget spent")
                 self.upstream = open_connection(state.host, state.port, timeout, member.tls_context)
             except (OSError, ValueError) as exc:
-                # a connect cut short by the budget says nothing against the server
-                judged = not (isinstance(exc, socket.timeout) and timeout < settings.connect_timeout)
+                # neither a connect cut short by the budget nor our own lack of descriptors
+                # or memory says anything against the server
+                judged = not (isinstance(exc, socket.timeout) and timeout < settings.connect_timeout) and \
+                    getattr(exc, "errno", None) not in LOCAL_SHORTAGE
                 proxy.connect_failed(pool, member, describe_error(exc), trial, judged)
                 if time.monotonic() >= budget_deadline:
                     return self.fail("NOUPSTREAM", "pool %s: connect_budget = %gs spent"
@@ -1520,11 +1532,14 @@ class Session(object):
             del buffer[:sent]
 
     def _finish(self, sock, buffer):
-        """One side closed: flush what is in flight to *sock*, then send it our FIN."""
+        """One side closed: flush what is in flight to *sock*, then close it cleanly
+        (TLS close_notify first, so the peer sees an end, not a truncation)."""
         try:
+            sock.settimeout(FLUSH_TIMEOUT)
             if buffer:
-                sock.settimeout(FLUSH_TIMEOUT)
                 sock.sendall(buffer)
+            if isinstance(sock, ssl.SSLSocket):
+                sock = sock.unwrap()
             sock.shutdown(socket.SHUT_WR)
         except (OSError, ValueError):
             pass
@@ -1590,7 +1605,7 @@ class AgiListener(socketserver.ThreadingMixIn, socketserver.TCPServer):
         try:
             request = self.socket.accept()
         except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            if exc.errno in LOCAL_SHORTAGE:
                 self.accept_pause = min(max(self.accept_pause * 2, 0.01), 1.0)
                 self.proxy.limited_log("accept", logging.ERROR, "%s: cannot accept: %s; pausing accepts for %gs",
                                        self.name, describe_error(exc), self.accept_pause)
@@ -1868,11 +1883,7 @@ class Proxy(object):
                         self._mark_down(pool, member, "closed %d sessions in a row without a command"
                                         % pool.settings.early_close_limit, now)
                 hook = pool.saturation_change(now)
-            if self.draining and not self.sessions and self.wakeup_fd is not None:
-                try:
-                    os.write(self.wakeup_fd, b"\x00")
-                except OSError:
-                    pass
+            drained = self.draining and not self.sessions
         if hook:
             run_hook(hook[0], hook[1], session.pool.settings.hook_timeout)
         if session.settings.access_log and log.isEnabledFor(logging.INFO):
@@ -1880,6 +1891,11 @@ class Proxy(object):
                      'bytes_up=%d bytes_down=%d end="%s"', session.client_name, printable(session.request_url),
                      session.route.name if session.route else "-", session.pool.name if session.pool else "-",
                      member.name if member else "-", duration, session.bytes_up, session.bytes_down, session.end)
+        if drained and self.wakeup_fd is not None:     # last: the line above is written before we exit
+            try:
+                os.write(self.wakeup_fd, b"\x00")
+            except OSError:
+                pass
 
     def decide(self, request, header, client_host):
         with self.lock:
@@ -2114,8 +2130,24 @@ class StatsServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
 
 def setup_logging(settings, daemon=False):
-    """Send the log where *settings* say (syslog instead of stderr for a daemon); reopen files."""
+    """Send the log where *settings* say (syslog instead of stderr for a daemon).
+
+    Called again on SIGHUP: a log file that stays the same is reopened in place
+    (for logrotate) under the handler's lock, so no line is lost or written to
+    the rotated file; a new target gets its handler before the old one goes."""
     target = "syslog" if daemon and settings.log == "stderr" else settings.log
+    log.setLevel(settings.log_level.upper())
+    log.propagate = False
+    current = log.handlers[0] if len(log.handlers) == 1 else None
+    if current is not None and getattr(current, "agiproxy_target", None) == target:
+        if isinstance(current, logging.FileHandler):
+            current.acquire()
+            try:
+                current.stream.close()
+                current.stream = current._open()
+            finally:
+                current.release()
+        return
     if target == "stderr":
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s agiproxy[%(process)d] %(levelname)s %(message)s"))
@@ -2126,12 +2158,12 @@ def setup_logging(settings, daemon=False):
     else:
         handler = logging.FileHandler(target)
         handler.setFormatter(logging.Formatter("%(asctime)s agiproxy[%(process)d] %(levelname)s %(message)s"))
-    for old in list(log.handlers):
+    handler.agiproxy_target = target
+    old_handlers = list(log.handlers)
+    log.addHandler(handler)
+    for old in old_handlers:
         log.removeHandler(old)
         old.close()
-    log.addHandler(handler)
-    log.setLevel(settings.log_level.upper())
-    log.propagate = False
 
 
 def raise_open_file_limit():
@@ -2392,6 +2424,9 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    args.config = os.path.abspath(args.config)        # --daemon changes to /; SIGHUP re-reads it
+    if args.pidfile:
+        args.pidfile = os.path.abspath(args.pidfile)
     if args.probe:
         try:
             return probe(args.probe, args.arg or (), parse_variables(args.var), args.tls, args.ca, args.insecure,
