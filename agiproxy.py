@@ -896,6 +896,7 @@ class Pool(object):
         self.rotation = 0
         self.saturated = False
         self.saturation_hook_at = -math.inf
+        self.hooks = HookRunner()
         self.sessions = 0
 
     @property
@@ -1000,6 +1001,7 @@ class Upstreams(object):
             self.states.update(shared)
             if name in old_pools:
                 pool.saturated = old_pools[name].saturated
+                pool.hooks = old_pools[name].hooks
                 pool.saturation_hook_at = old_pools[name].saturation_hook_at
                 pool.sessions = old_pools[name].sessions
             self.pools[name] = pool
@@ -1208,28 +1210,52 @@ class HealthChecker(threading.Thread):
 
 
 def run_hook(name, argv, timeout):
-    """Run a pool hook in its own thread; log failures; kill it after *timeout* seconds."""
+    """Run one hook command and wait for it; log failures; kill it after *timeout* seconds."""
+    try:
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, close_fds=True)
+    except OSError as exc:
+        log.error("%s hook %s could not start: %s", name, argv[0], describe_error(exc))
+        return
+    try:
+        code = process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        log.error("%s hook %s still running after %gs: killed", name, argv[0], timeout)
+        return
+    if code:
+        log.warning("%s hook %s exited with status %d", name, " ".join(argv), code)
+    else:
+        log.info("%s hook %s done", name, " ".join(argv))
 
-    def target():
-        try:
-            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.DEVNULL, close_fds=True)
-        except OSError as exc:
-            log.error("%s hook %s could not start: %s", name, argv[0], describe_error(exc))
-            return
-        try:
-            code = process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            log.error("%s hook %s still running after %gs: killed", name, argv[0], timeout)
-            return
-        if code:
-            log.warning("%s hook %s exited with status %d", name, " ".join(argv), code)
-        else:
-            log.info("%s hook %s done", name, " ".join(argv))
 
-    threading.Thread(target=target, name=name, daemon=True).start()
+class HookRunner(object):
+    """Run one pool's hooks off the session threads, one at a time and in the order
+    they came due, so a scaler never sees on_recovery overtake on_saturation."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.pending = collections.deque()
+        self.running = False
+
+    def submit(self, hook, timeout):
+        """Queue ``(name, argv)`` from Pool.saturation_change()."""
+        with self.lock:
+            self.pending.append(hook + (timeout,))
+            if self.running:
+                return
+            self.running = True
+        threading.Thread(target=self._run, name="hooks", daemon=True).start()
+
+    def _run(self):
+        while True:
+            with self.lock:
+                if not self.pending:
+                    self.running = False
+                    return
+                name, argv, timeout = self.pending.popleft()
+            run_hook(name, argv, timeout)
 
 
 ###############################################################################
@@ -1444,7 +1470,7 @@ class Session(object):
         client.setblocking(False)
         peer = {client: upstream, upstream: client}
         outbox = {client: bytearray(), upstream: bytearray(to_upstream)}
-        received = {client: 0, upstream: 0}
+        received = {client: len(to_upstream), upstream: 0}     # bytes_up counts the header too
         name = {client: "client", upstream: "upstream"}
         idle, longest = self.settings.idle_timeout, self.settings.max_session_time
         last = time.monotonic()
@@ -1885,7 +1911,7 @@ class Proxy(object):
                 hook = pool.saturation_change(now)
             drained = self.draining and not self.sessions
         if hook:
-            run_hook(hook[0], hook[1], session.pool.settings.hook_timeout)
+            session.pool.hooks.submit(hook, session.pool.settings.hook_timeout)
         if session.settings.access_log and log.isEnabledFor(logging.INFO):
             log.info('session client=%s request="%s" route=%s pool=%s server=%s duration=%.3f '
                      'bytes_up=%d bytes_down=%d end="%s"', session.client_name, printable(session.request_url),
@@ -1912,7 +1938,7 @@ class Proxy(object):
                 self.active += 1
                 hook = pool.saturation_change(time.monotonic())
         if hook:
-            run_hook(hook[0], hook[1], pool.settings.hook_timeout)
+            pool.hooks.submit(hook, pool.settings.hook_timeout)
         return member, reason
 
     def connect_failed(self, pool, member, why, trial, judged=True):
@@ -1929,7 +1955,7 @@ class Proxy(object):
                 state.trial = False
             hook = pool.saturation_change(now)
         if hook:
-            run_hook(hook[0], hook[1], pool.settings.hook_timeout)
+            pool.hooks.submit(hook, pool.settings.hook_timeout)
 
     def trial_passed(self, pool, member):
         """The half-open try got its first byte from the server: it is back."""

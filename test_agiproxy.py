@@ -11,7 +11,7 @@ oldest and the newest interpreter only).  Standard library only, like agiproxy.
 import atexit
 import codecs
 import collections
-import io
+import errno
 import logging
 import os
 import random
@@ -30,6 +30,8 @@ import textwrap
 import threading
 import time
 import unittest
+import urllib.error
+import urllib.request
 
 import agiproxy
 
@@ -170,20 +172,26 @@ class FakeServer(object):
                 self.headers.append(header)
             if self.behaviour is not None:
                 self.behaviour(conn, header, self)
-                return
-            replies = []
-            for command in self.script:
-                conn.sendall(command.encode() + b"\n")
-                line, rest = agiproxy.read_line(conn, time.monotonic() + TIMEOUT, rest)
-                while line == b"HANGUP\n":
-                    line, rest = agiproxy.read_line(conn, time.monotonic() + TIMEOUT, rest)
-                replies.append(line)
-            with self.lock:
-                self.replies.append(replies)
+            else:
+                self.run_script(conn, self.script, rest=rest)
         except (OSError, ValueError):
             pass
         finally:
             conn.close()
+
+    def run_script(self, conn, script, before=None, rest=b""):
+        """Send each command and record its reply (HANGUP lines skipped); *before(index)* runs first."""
+        replies = []
+        for index, command in enumerate(script):
+            if before is not None:
+                before(index)
+            conn.sendall(command.encode() + b"\n")
+            line, rest = agiproxy.read_line(conn, time.monotonic() + TIMEOUT, rest)
+            while line == b"HANGUP\n":
+                line, rest = agiproxy.read_line(conn, time.monotonic() + TIMEOUT, rest)
+            replies.append(line)
+        with self.lock:
+            self.replies.append(replies)
 
     def stop(self):
         self.stopping = True
@@ -749,9 +757,9 @@ class SessionTest(ProxyCase):
         self.assertEqual(upstream.headers, [header])
         self.assertEqual(upstream.replies, [[b"200 result=0\n", b"200 result=0\n"]])
         self.assertIdle(proxy)
+        sizes = "bytes_up=%d bytes_down=28" % (len(header) + 26)    # the header and two replies
         wait_until(lambda: any(m.startswith("session client=127.0.0.1:") and 'end="upstream closed"' in m
-                               and "bytes_up=26 bytes_down=28" in m for m in LOG.messages()),
-                   message="access log line")
+                               and sizes in m for m in LOG.messages()), message="access log line")
 
     def test_many_concurrent_sessions(self):
         upstream = self.server()
@@ -2897,6 +2905,976 @@ class FuzzTest(SecurityCase):
     @unittest.skipUnless(SOAK, "AGIPROXY_SOAK=1 runs the long fuzz")
     def test_fuzz_long(self):
         self.fuzz(30.0, workers=16)
+
+
+###############################################################################
+# Operations (issue 4): the real program in a child process ###################
+###############################################################################
+
+def program_header(name, url="agi://127.0.0.1/path/script?x=1&y=2"):
+    """A real Asterisk header (trace a-plain) with its own uniqueid and request URL."""
+    header = trace_header("a-plain")
+    header = re.sub(rb"(?m)^agi_uniqueid: .*$", b"agi_uniqueid: " + name.encode(), header)
+    header = re.sub(rb"(?m)^agi_request: .*$", b"agi_request: " + url.encode(), header)
+    return header
+
+
+def connect_refused(port):
+    """True when a connect to 127.0.0.1:port is refused (nobody listening)."""
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), 1.0)
+    except ConnectionRefusedError:
+        return True
+    except OSError as exc:
+        return exc.errno == errno.ECONNREFUSED
+    sock.close()
+    return False
+
+
+PROM_METRIC_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+PROM_COMMENT = re.compile(r"^# (HELP|TYPE) (%s) (.*)$" % PROM_METRIC_NAME)
+PROM_SAMPLE = re.compile(r"^(%s)(?:\{(.*)\})? (\S+)(?: -?\d+)?$" % PROM_METRIC_NAME)
+PROM_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"(,|$)')
+
+
+def parse_prometheus(text):
+    """A strict parser of the Prometheus text format (0.0.4).
+
+    Returns ``(types, samples)``: family name -> type, and
+    ``(name, ((label, value), ...))`` -> float.  Raises ValueError naming the line."""
+    types, helps, samples = {}, set(), collections.OrderedDict()
+    if not text.endswith("\n"):
+        raise ValueError("exposition does not end with a newline")
+    for number, line in enumerate(text[:-1].split("\n"), 1):
+        if line.startswith("#"):
+            match = PROM_COMMENT.match(line)
+            if not match or not match.group(3).strip():
+                raise ValueError("line %d: malformed comment %r" % (number, line))
+            kind, name, rest = match.groups()
+            if kind == "TYPE":
+                if rest not in ("counter", "gauge", "histogram", "summary", "untyped"):
+                    raise ValueError("line %d: unknown type %r" % (number, rest))
+                if name in types:
+                    raise ValueError("line %d: second TYPE for %s" % (number, name))
+                types[name] = rest
+            else:
+                if name in helps:
+                    raise ValueError("line %d: second HELP for %s" % (number, name))
+                helps.add(name)
+            continue
+        match = PROM_SAMPLE.match(line)
+        if not match:
+            raise ValueError("line %d: not 'name{labels} value': %r" % (number, line))
+        name, labeltext, value = match.groups()
+        labels, position = [], 0
+        while labeltext and position < len(labeltext):
+            found = PROM_LABEL.match(labeltext, position)
+            if not found:
+                raise ValueError("line %d: malformed labels %r" % (number, labeltext))
+            raw = found.group(2)
+            labels.append((found.group(1), raw.replace('\\"', '"').replace("\\n", "\n").replace("\\\\", "\\")))
+            position = found.end()
+        try:
+            number_value = float(value)
+        except ValueError:
+            raise ValueError("line %d: value %r is not a float" % (number, value))
+        family = name
+        for suffix in ("_bucket", "_sum", "_count"):
+            if name.endswith(suffix) and types.get(name[:-len(suffix)]) in ("histogram", "summary"):
+                family = name[:-len(suffix)]
+        if family not in types:
+            raise ValueError("line %d: sample of %s before its TYPE line" % (number, name))
+        key = (name, tuple(sorted(labels)))
+        if key in samples:
+            raise ValueError("line %d: duplicate sample %r" % (number, key))
+        samples[key] = number_value
+    return types, samples
+
+
+def metric_value(samples, name, **labels):
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+class ProgramCase(unittest.TestCase):
+    """Run agiproxy.py as a child process with a config and log file in a temporary directory."""
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="agiproxy-test-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.conf = os.path.join(self.dir, "agiproxy.conf")
+        self.log_path = os.path.join(self.dir, "agiproxy.log")
+        self.port = free_port()
+        self.stats_port = None
+        self.child = None
+
+    def server(self, *args, **kwargs):
+        server = FakeServer(*args, **kwargs)
+        self.addCleanup(server.stop)
+        return server
+
+    def write_config(self, body, stats=False, extra=""):
+        """Write [agiproxy] (our port, our log file) followed by *body*."""
+        lines = ["[agiproxy]", "listen = 127.0.0.1:%d" % self.port, "log = %s" % self.log_path]
+        if stats:
+            if self.stats_port is None:
+                self.stats_port = free_port()
+            lines.append("stats_listen = 127.0.0.1:%d" % self.stats_port)
+        text = "\n".join(lines) + "\n" + textwrap.dedent(extra) + "\n" + textwrap.dedent(body)
+        with open(self.conf + ".tmp", "w") as handle:
+            handle.write(text)
+        os.rename(self.conf + ".tmp", self.conf)    # a reload never sees half a file
+
+    def env(self, **extra):
+        env = dict(os.environ)
+        env.pop("NOTIFY_SOCKET", None)
+        env.update(extra)
+        return env
+
+    def start(self, args=(), env=None):
+        """Start the proxy on self.conf; return once it logged that it listens on our port."""
+        self.stderr = open(os.path.join(self.dir, "stderr"), "wb")
+        self.addCleanup(self.stderr.close)
+        child = subprocess.Popen([sys.executable, PROGRAM, "-c", self.conf] + list(args), stdin=subprocess.DEVNULL,
+                                 stdout=self.stderr, stderr=self.stderr, env=env or self.env(), close_fds=True)
+        self.addCleanup(self.kill, child)
+        self.child = child
+        self.wait_log("listening on 127.0.0.1:%d" % self.port)
+        return child
+
+    @staticmethod
+    def kill(child):
+        if child.poll() is None:
+            child.kill()
+        child.wait(TIMEOUT)
+
+    def child_stderr(self):
+        with open(os.path.join(self.dir, "stderr"), "rb") as handle:
+            return handle.read().decode("utf-8", "replace")
+
+    def log_text(self, path=None):
+        try:
+            with open(path or self.log_path, "rb") as handle:
+                return handle.read().decode("utf-8", "replace")
+        except (IOError, OSError):
+            return ""
+
+    def wait_log(self, fragment, count=1, path=None, timeout=TIMEOUT):
+        """Wait until the log holds *fragment* *count* times; fail at once if the child died."""
+        def seen():
+            if self.log_text(path).count(fragment) >= count:
+                return True
+            if self.child is not None and self.child.poll() is not None:
+                raise AssertionError("agiproxy exited with %s before logging %r\nlog:\n%s\nstderr:\n%s"
+                                     % (self.child.returncode, fragment, self.log_text(path)[-3000:],
+                                        self.child_stderr()[-3000:]))
+            return False
+        wait_until(seen, timeout, "the log to contain %r %d time(s)" % (fragment, count))
+
+    def wait_exit(self, timeout=TIMEOUT):
+        wait_until(lambda: self.child.poll() is not None, timeout, "agiproxy to exit")
+        return self.child.returncode
+
+    def signal(self, signum):
+        os.kill(self.child.pid, signum)
+
+    def metrics_text(self, path="/metrics"):
+        url = "http://127.0.0.1:%d%s" % (self.stats_port, path)
+        handle = urllib.request.urlopen(url, timeout=TIMEOUT)
+        try:
+            return handle.read().decode("utf-8"), handle.headers.get("Content-Type", "")
+        finally:
+            handle.close()
+
+    def metrics(self):
+        return parse_prometheus(self.metrics_text()[0])[1]
+
+    def run_cli(self, *args, **kwargs):
+        """Run agiproxy.py with *args*; return (status, stdout, stderr)."""
+        process = subprocess.Popen([sys.executable, PROGRAM] + list(args), stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env(),
+                                   universal_newlines=True, cwd=kwargs.get("cwd"))
+        try:
+            out, err = process.communicate(timeout=kwargs.get("timeout", TIMEOUT))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            out, err = process.communicate()
+            raise AssertionError("agiproxy %s did not finish:\n%s\n%s" % (" ".join(args), out, err))
+        return process.returncode, out, err
+
+
+LOOP_SCRIPT = ("ANSWER", "GET VARIABLE CHANNEL", "VERBOSE \"hello\" 1")
+LOOP_REPLIES = [b"200 result=0\n"] * len(LOOP_SCRIPT)
+
+
+def held_script(gate=None, script=("ANSWER", "GET VARIABLE CHANNEL"), marks=None):
+    """A FakeServer behaviour: first command, wait for *gate* (seconds, or an Event: server.release by default),
+    then the rest; records replies like the default behaviour.  *marks* gets 'held' and 'done' times."""
+    def behaviour(conn, header, server):
+        def before(index):
+            if index != 1:
+                return
+            if marks is not None:
+                marks["held"] = time.monotonic()
+            if isinstance(gate, (int, float)):
+                threading.Event().wait(gate)       # the session's own length, not synchronisation
+            else:
+                (gate or server.release).wait(TIMEOUT * 3)    # server.release: set by stop()
+
+        server.run_script(conn, script, before)
+        if marks is not None:
+            marks["done"] = time.monotonic()
+    return behaviour
+
+
+class AsteriskThread(threading.Thread):
+    """asterisk() in a thread; .result is the Transcript, .error the exception."""
+
+    def __init__(self, port, header):
+        threading.Thread.__init__(self, daemon=True)
+        self.port, self.header = port, header
+        self.result = self.error = None
+        self.start()
+
+    def run(self):
+        try:
+            self.result = asterisk(self.port, self.header, timeout=TIMEOUT * 3)
+        except Exception as exc:
+            self.error = exc
+
+
+class ReloadUnderLoadTest(ProgramCase):
+    """SIGHUP while many fake Asterisks run sessions in a loop: no session may be lost."""
+
+    def run_load(self, reloads, clients):
+        """*clients* fake Asterisks loop on sessions while we reload *reloads* times (at least
+        *clients* sessions complete between two reloads).  Returns a dict of what happened."""
+        one, two = self.server(LOOP_SCRIPT), self.server(LOOP_SCRIPT)
+        configs = [
+            "[pool main]\nmode = round-robin\nservers = 127.0.0.1:%d\n  127.0.0.1:%d\n"
+            "[route all]\npath = *\npool = main\n" % (one.port, two.port),
+            "[pool main]\nmode = failover\nservers = 127.0.0.1:%d\n  127.0.0.1:%d\nretry_after = 2\n"
+            "[route all]\npath = *\npool = main\n[route billing]\npath = billing\npool = main\n"
+            % (two.port, one.port),
+        ]
+        self.write_config(configs[0], stats=True)
+        self.start()
+        stop = threading.Event()
+        lock = threading.Lock()
+        sent, done, errors = [], [0], []
+
+        def client(number):
+            count = 0
+            while not stop.is_set():
+                header = program_header("call-%d-%d" % (number, count))
+                count += 1
+                try:
+                    transcript = asterisk(self.port, header)
+                except Exception as exc:
+                    with lock:
+                        errors.append("client %d: %r" % (number, exc))
+                    continue
+                with lock:
+                    sent.append(header)
+                    if transcript.failed or transcript.commands != [c.encode() for c in LOOP_SCRIPT]:
+                        errors.append("client %d: %r" % (number, transcript))
+                    else:
+                        done[0] += 1
+
+        def completed():
+            with lock:
+                return done[0]
+
+        threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(clients)]
+        started = time.monotonic()
+        for thread in threads:
+            thread.start()
+        self.addCleanup(stop.set)
+        try:
+            for number in range(1, reloads + 1):
+                mark = completed()
+                wait_until(lambda: completed() >= mark + clients, message="sessions between reloads")
+                self.write_config(configs[number % 2], stats=True)
+                self.signal(signal.SIGHUP)
+                wait_until(lambda: metric_value(self.metrics(), "agiproxy_config_reloads_total") >= number,
+                           message="reload %d" % number)
+            mark = completed()
+            wait_until(lambda: completed() >= mark + clients, message="sessions after the last reload")
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(TIMEOUT * 2)
+        elapsed = time.monotonic() - started
+        sys.stderr.write("\nreload soak: %d reloads, %d clients, %d sessions completed, %d errors, %.2fs\n"
+                         % (reloads, clients, done[0], len(errors), elapsed))
+        wait_until(lambda: metric_value(self.metrics(), "agiproxy_sessions_total") == done[0],
+                   message="the proxy to count every session")
+        return dict(servers=(one, two), sent=sent, completed=done[0], errors=errors, elapsed=elapsed)
+
+    def test_reloads_lose_no_session(self):
+        reloads, clients = (50, 16) if SOAK else (10, 8)
+        run = self.run_load(reloads, clients)
+        one, two = run["servers"]
+        self.assertEqual(run["errors"], [])
+        samples = self.metrics()
+        self.assertEqual(metric_value(samples, "agiproxy_config_reloads_total"), reloads)
+        self.assertEqual(metric_value(samples, "agiproxy_config_last_reload_success"), 1)
+        self.assertEqual(metric_value(samples, "agiproxy_sessions_total"), run["completed"])
+        # every header reached an upstream byte for byte, and every reply came back
+        headers = one.headers + two.headers
+        self.assertEqual(len(headers), len(run["sent"]))
+        self.assertEqual(collections.Counter(headers), collections.Counter(run["sent"]))
+        replies = one.replies + two.replies
+        self.assertEqual(len(replies), run["completed"])
+        self.assertTrue(all(r == LOOP_REPLIES for r in replies))
+        self.assertGreater(len(one.headers), 0)
+        self.assertGreater(len(two.headers), 0)
+        text = self.log_text()
+        self.assertEqual(text.count("configuration reloaded"), reloads)
+        self.assertNotIn("reload failed", text)
+        self.assertNotIn("internal error", text)
+        self.assertNotIn("Traceback", text + self.child_stderr())
+
+    def test_log_reopening_under_load_loses_no_line_and_leaks_no_descriptor(self):
+        run = self.run_load(*((50, 16) if SOAK else (20, 8)))
+        self.assertEqual(run["errors"], [])
+        try:
+            wait_until(lambda: self.log_text().count("session client=") >= run["completed"], timeout=3,
+                       message="an access-log line for every session")
+        except AssertionError:
+            pass
+        problems = []
+        lines = self.log_text().count("session client=")
+        if lines != run["completed"]:
+            problems.append("%d sessions but %d access-log lines" % (run["completed"], lines))
+        fd_dir = "/proc/%d/fd" % self.child.pid
+        if os.path.isdir(fd_dir):
+            on_log = [fd for fd in os.listdir(fd_dir)
+                      if os.path.realpath(os.path.join(fd_dir, fd)) == os.path.realpath(self.log_path)]
+            if len(on_log) != 1:
+                problems.append("%d descriptors open on the log file" % len(on_log))
+        self.assertEqual(problems, [])
+
+
+class ReloadTest(ProgramCase):
+
+    def test_changed_servers_take_new_sessions_while_old_ones_finish(self):
+        old = self.server(behaviour=held_script())
+        gate = old.release
+        new = self.server()
+        pool = "[pool main]\nservers = 127.0.0.1:%d\n[route all]\npath = *\npool = main\n"
+        self.write_config(pool % old.port)
+        self.start()
+        held = AsteriskThread(self.port, program_header("held"))
+        wait_until(lambda: len(old.headers) == 1, message="the held session to reach the old server")
+        self.write_config(pool % new.port)
+        self.signal(signal.SIGHUP)
+        self.wait_log("configuration reloaded")
+        for number in range(3):
+            transcript = asterisk(self.port, program_header("new-%d" % number))
+            self.assertEqual(transcript.commands, [b"ANSWER", b"GET VARIABLE CHANNEL"])
+        self.assertEqual(len(new.headers), 3)
+        self.assertEqual(old.accepted, 1)
+        self.assertTrue(held.is_alive(), "the old session was cut by the reload")
+        gate.set()
+        held.join(TIMEOUT)
+        self.assertIsNone(held.error)
+        self.assertEqual(held.result.commands, [b"ANSWER", b"GET VARIABLE CHANNEL"])
+        self.assertFalse(held.result.failed)
+        self.assertEqual(old.replies, [[b"200 result=0\n", b"200 result=0\n"]])
+        self.assertEqual(old.headers, [program_header("held")])
+        self.wait_log("server=127.0.0.1:%d" % old.port)
+
+    def test_invalid_config_keeps_the_running_one(self):
+        first, second = self.server(), self.server()
+        pool = "[pool main]\nservers = 127.0.0.1:%d\n[route all]\npath = *\npool = main\n"
+        self.write_config(pool % first.port, stats=True)
+        self.start()
+        with open(self.conf, "a") as handle:
+            handle.write("[pool main]\nservers = 127.0.0.1:%d\n" % second.port)     # duplicate section
+        self.signal(signal.SIGHUP)
+        self.wait_log("reload failed")
+        self.assertIn("keeping the running configuration", self.log_text())
+        self.assertIn(self.conf, self.log_text())
+        self.assertEqual(asterisk(self.port).commands, [b"ANSWER", b"GET VARIABLE CHANNEL"])
+        self.assertEqual((len(first.headers), len(second.headers)), (1, 0))
+        samples = self.metrics()
+        self.assertEqual(metric_value(samples, "agiproxy_config_last_reload_success"), 0)
+        self.assertEqual(metric_value(samples, "agiproxy_config_reloads_total"), 0)
+        # a bad value (file:line: [section] key in the log), then a good file again
+        self.write_config(pool % second.port, stats=True, extra="header_timeout = soon\n")
+        self.signal(signal.SIGHUP)
+        self.wait_log("reload failed", count=2)
+        self.assertIn("%s:5: [agiproxy] header_timeout" % self.conf, self.log_text())
+        self.assertEqual(asterisk(self.port).commands, [b"ANSWER", b"GET VARIABLE CHANNEL"])
+        self.assertEqual((len(first.headers), len(second.headers)), (2, 0))
+        self.write_config(pool % second.port, stats=True)
+        self.signal(signal.SIGHUP)
+        self.wait_log("configuration reloaded")
+        self.assertEqual(asterisk(self.port).commands, [b"ANSWER", b"GET VARIABLE CHANNEL"])
+        self.assertEqual((len(first.headers), len(second.headers)), (2, 1))
+        samples = self.metrics()
+        self.assertEqual(metric_value(samples, "agiproxy_config_last_reload_success"), 1)
+        self.assertEqual(metric_value(samples, "agiproxy_config_reloads_total"), 1)
+        self.assertEqual(self.child.poll(), None)
+
+    def test_log_file_reopened_on_hup(self):
+        upstream = self.server()
+        self.write_config("[pool main]\nservers = 127.0.0.1:%d\n[route all]\npath = *\npool = main\n"
+                          % upstream.port)
+        self.start()
+        asterisk(self.port, program_header("before", "agi://127.0.0.1/before-rotate"))
+        self.wait_log("before-rotate")
+        rotated = self.log_path + ".1"
+        os.rename(self.log_path, rotated)        # what logrotate does
+        self.signal(signal.SIGHUP)
+        wait_until(lambda: os.path.exists(self.log_path), message="a new log file at the old path")
+        self.signal(signal.SIGUSR1)       # handled after the HUP is done with: the new file is in use
+        self.wait_log("status: ")
+        asterisk(self.port, program_header("after", "agi://127.0.0.1/after-rotate"))
+        self.wait_log("after-rotate")
+        old = self.log_text(rotated)
+        self.assertIn("before-rotate", old)
+        self.assertNotIn("after-rotate", old)
+        self.assertNotIn("status: ", old)
+        self.assertNotIn("before-rotate", self.log_text())
+        self.assertIn("configuration reloaded", old + self.log_text())
+        fd_dir = "/proc/%d/fd" % self.child.pid
+        if os.path.isdir(fd_dir):
+            targets = [os.readlink(os.path.join(fd_dir, fd)) for fd in os.listdir(fd_dir)]
+            self.assertNotIn(rotated, targets, "the rotated file is still open")
+
+    def test_usr1_writes_status_to_the_log(self):
+        upstream = self.server()
+        self.write_config("[pool main]\nservers = 127.0.0.1:%d max=7\n[route all]\npath = *\npool = main\n"
+                          % upstream.port)
+        self.start()
+        asterisk(self.port)
+        asterisk(self.port)
+        self.wait_log("session client=", count=2)
+        self.signal(signal.SIGUSR1)
+        self.wait_log("status: ")
+        text = self.log_text()
+        self.assertRegex(text, r"status: 0 sessions live \(0 relaying\), 2 relayed, 2 connections; "
+                               r"failures: none; reloads 0")
+        self.assertIn("pool main (failover): 0 active, 2 sessions", text)
+        self.assertIn("server 127.0.0.1:%d: up, 0/7 active, 2 sessions, 0 connect failures" % upstream.port, text)
+        self.assertIsNone(self.child.poll())
+
+
+class DrainTest(ProgramCase):
+
+    POOL = "[pool main]\nservers = 127.0.0.1:%d\n[route all]\npath = *\npool = main\n"
+
+    def test_term_refuses_new_connects_and_lets_a_session_finish(self):
+        marks = {}
+        upstream = self.server(behaviour=held_script(2.0, marks=marks))
+        self.write_config(self.POOL % upstream.port)
+        self.start()
+        client = AsteriskThread(self.port, program_header("draining"))
+        wait_until(lambda: "held" in marks, message="the session to be under way")
+        signalled = time.monotonic()
+        self.signal(signal.SIGTERM)
+        wait_until(lambda: connect_refused(self.port), timeout=1.0, message="connects to be refused")
+        refused = time.monotonic()
+        self.assertTrue(client.is_alive(), "the session ended before the listener closed")
+        self.assertLess(refused - signalled, 1.0)
+        self.assertIsNone(self.child.poll(), "exited while a session was running")
+        self.assertEqual(self.wait_exit(), 0)
+        exited = time.monotonic()
+        client.join(TIMEOUT)
+        self.assertIsNone(client.error)
+        self.assertEqual(client.result.commands, [b"ANSWER", b"GET VARIABLE CHANNEL"])
+        self.assertFalse(client.result.failed)
+        self.assertEqual(upstream.replies, [[b"200 result=0\n", b"200 result=0\n"]])
+        self.assertGreaterEqual(exited, marks["done"])
+        self.assertGreaterEqual(exited - signalled, 1.5)
+        text = self.log_text()
+        # 1, or 2 when one of our refusal probes got in before the listener closed
+        self.assertRegex(text, r"stopping: no longer accepting; waiting for [12] sessions")
+        self.assertIn("all sessions ended; exiting", text)
+        self.assertIn('request="agi://127.0.0.1/path/script?x=1&y=2"', text)
+
+    def test_term_with_no_session_exits_at_once(self):
+        upstream = self.server()
+        self.write_config(self.POOL % upstream.port)
+        self.start()
+        self.signal(signal.SIGTERM)
+        self.assertEqual(self.wait_exit(timeout=3), 0)
+        self.assertIn("all sessions ended; exiting", self.log_text())
+
+    def test_drain_timeout_cuts_a_stuck_session(self):
+        upstream = self.server(behaviour=held_script())
+        self.write_config(self.POOL % upstream.port, extra="drain_timeout = 1\n")
+        self.start()
+        client = AsteriskThread(self.port, program_header("stuck"))
+        wait_until(lambda: len(upstream.headers) == 1, message="the session to be under way")
+        signalled = time.monotonic()
+        self.signal(signal.SIGTERM)
+        self.assertEqual(self.wait_exit(timeout=5), 0)
+        elapsed = time.monotonic() - signalled
+        self.assertGreaterEqual(elapsed, 0.9)
+        self.assertLess(elapsed, 1 + 1.5)
+        client.join(TIMEOUT)
+        self.assertIsNone(client.error)
+        self.assertEqual(client.result.commands, [b"ANSWER"])
+        text = self.log_text()
+        self.assertIn("for up to 1s", text)
+        self.assertRegex(text, r"closing session agi://127.0.0.1/path/script\?x=1&y=2 on 127.0.0.1:%d: "
+                               r"drain_timeout = 1s reached" % upstream.port)
+        self.assertIn('end="drain_timeout = 1s reached"', text)
+
+    def test_second_term_exits_at_once(self):
+        upstream = self.server(behaviour=held_script())
+        self.write_config(self.POOL % upstream.port)
+        self.start()
+        client = AsteriskThread(self.port, program_header("stuck"))
+        wait_until(lambda: len(upstream.headers) == 1, message="the session to be under way")
+        self.signal(signal.SIGTERM)
+        self.wait_log("stopping: no longer accepting")
+        self.assertIsNone(self.child.poll())
+        signalled = time.monotonic()
+        self.signal(signal.SIGTERM)
+        self.assertEqual(self.wait_exit(timeout=3), 0)
+        self.assertLess(time.monotonic() - signalled, 1.5)
+        self.assertIn("second stop signal: exiting now, 1 sessions cut", self.log_text())
+        client.join(TIMEOUT)
+        self.assertEqual(client.result.commands, [b"ANSWER"])
+
+    def test_hup_during_drain_is_ignored(self):
+        upstream = self.server(behaviour=held_script())
+        gate = upstream.release
+        self.write_config(self.POOL % upstream.port)
+        self.start()
+        client = AsteriskThread(self.port, program_header("stuck"))
+        wait_until(lambda: len(upstream.headers) == 1, message="the session to be under way")
+        self.signal(signal.SIGTERM)
+        self.wait_log("stopping: no longer accepting")
+        self.signal(signal.SIGHUP)
+        self.wait_log("SIGHUP ignored while draining")
+        self.assertTrue(connect_refused(self.port))
+        gate.set()
+        self.assertEqual(self.wait_exit(), 0)
+        client.join(TIMEOUT)
+        self.assertEqual(client.result.commands, [b"ANSWER", b"GET VARIABLE CHANNEL"])
+
+
+class MetricsEndpointTest(ProgramCase):
+
+    def test_parser_rejects_what_prometheus_would(self):
+        good = "# HELP a_b x\n# TYPE a_b counter\na_b{x=\"1\",y=\"q\\\"\"} 3\n"
+        self.assertEqual(parse_prometheus(good)[1], {("a_b", (("x", "1"), ("y", 'q"'))): 3.0})
+        for bad in ("a_b 1\n", "# TYPE a_b counter\na_b one\n", "# TYPE a_b counter\na_b{x=1} 1\n",
+                    "# TYPE a_b counter\na_b 1", "# TYPE a_b countr\n", "# TYPE a_b counter\na b 1\n",
+                    "# TYPE a_b counter\na_b 1\na_b 2\n"):
+            self.assertRaises(ValueError, parse_prometheus, bad)
+
+    def test_counts_match_the_sessions_run(self):
+        ivr, billing = self.server(), self.server(("ANSWER",))
+        self.write_config("""
+            [pool ivr]
+            servers = 127.0.0.1:%d
+            [pool billing]
+            servers = 127.0.0.1:%d max=5
+            [route ivr]
+            path = ivr
+            pool = ivr
+            [route billing]
+            path = billing
+            pool = billing
+        """ % (ivr.port, billing.port), stats=True)
+        self.start()
+        text, content_type = self.metrics_text()
+        self.assertTrue(content_type.startswith("text/plain"), content_type)
+        types, samples = parse_prometheus(text)
+        self.assertEqual(metric_value(samples, "agiproxy_sessions_total"), 0)
+        self.assertEqual(types["agiproxy_session_duration_seconds"], "histogram")
+        for number in range(5):
+            asterisk(self.port, program_header("i%d" % number, "agi://127.0.0.1/ivr/menu"))
+        for number in range(3):
+            asterisk(self.port, program_header("b%d" % number, "agi://127.0.0.1/billing"))
+        noroute = asterisk(self.port, program_header("n", "agi://127.0.0.1/nowhere"))
+        self.assertEqual((noroute.failed, noroute.status), (True, "NOROUTE"))
+        wait_until(lambda: metric_value(self.metrics(), "agiproxy_sessions_total") == 8,
+                   message="8 sessions counted")
+        wait_until(lambda: metric_value(self.metrics(), "agiproxy_connections_total") == 9,
+                   message="9 connections counted")
+        text, _ = self.metrics_text()
+        types, samples = parse_prometheus(text)
+        value = lambda name, **labels: metric_value(samples, "agiproxy_" + name, **labels)
+        self.assertEqual(value("sessions_active"), 0)
+        self.assertEqual(value("failures_total", reason="NOROUTE"), 1)
+        self.assertEqual(value("pool_sessions_total", pool="ivr"), 5)
+        self.assertEqual(value("pool_sessions_total", pool="billing"), 3)
+        self.assertEqual(value("server_sessions_total", pool="ivr", server="127.0.0.1:%d" % ivr.port), 5)
+        self.assertEqual(value("server_sessions_total", pool="billing", server="127.0.0.1:%d" % billing.port), 3)
+        self.assertEqual(value("server_sessions_max", pool="billing", server="127.0.0.1:%d" % billing.port), 5)
+        self.assertEqual(value("server_up", pool="ivr", server="127.0.0.1:%d" % ivr.port), 1)
+        self.assertEqual(value("server_connect_failures_total", pool="ivr", server="127.0.0.1:%d" % ivr.port), 0)
+        self.assertEqual(value("session_duration_seconds_count"), 8)
+        self.assertEqual(value("session_duration_seconds_bucket", le="+Inf"), 8)
+        buckets = [(float(dict(labels)["le"]), v) for (name, labels), v in samples.items()
+                   if name == "agiproxy_session_duration_seconds_bucket"]
+        self.assertEqual(buckets, sorted(buckets), "buckets in order, counts cumulative")
+        self.assertGreater(value("session_duration_seconds_sum"), 0)
+        # up: at least every reply (whether the forwarded header counts is the program's choice)
+        self.assertGreaterEqual(value("bytes_total", direction="up"), 13 * len(b"200 result=0\n"))
+        self.assertEqual(value("bytes_total", direction="down"),
+                         5 * len(b"ANSWER\nGET VARIABLE CHANNEL\n") + 3 * len(b"ANSWER\n"))
+        self.assertEqual(value("config_last_reload_success"), 1)
+        for name, kind in types.items():
+            self.assertTrue(name.startswith("agiproxy_"), name)
+            if kind == "counter":
+                self.assertTrue(name.endswith("_total"), "counter %s without _total" % name)
+
+    def test_other_paths_are_404(self):
+        upstream = self.server()
+        self.write_config("[pool main]\nservers = 127.0.0.1:%d\n[route all]\npath = *\npool = main\n"
+                          % upstream.port, stats=True)
+        self.start()
+        with self.assertRaises(urllib.error.HTTPError) as caught:
+            self.metrics_text("/")
+        self.assertEqual(caught.exception.code, 404)
+        caught.exception.close()
+
+
+class ProbeModeTest(ProgramCase):
+
+    def test_probe_through_the_proxy_prints_the_commands(self):
+        upstream = self.server(("ANSWER", "GET VARIABLE CHANNEL", "VERBOSE \"probe me\" 1"))
+        self.write_config("[pool main]\nservers = 127.0.0.1:%d\n[route all]\npath = *\npool = main\n"
+                          % upstream.port)
+        self.start()
+        status, out, err = self.run_cli("--probe", "agi://127.0.0.1:%d/x" % self.port, "--arg", "a",
+                                        "--var", "callerid=100")
+        self.assertEqual(status, 0, out + err)
+        for command in ("ANSWER", "GET VARIABLE CHANNEL", 'VERBOSE \\"probe me\\" 1'):
+            self.assertRegex(out, r"(?m)^ *[\d.]+ ms <- %s$" % re.escape(command))
+        self.assertIn("3 command(s) from 127.0.0.1:%d" % self.port, out)
+        header = agiproxy.AgiHeader.parse(upstream.headers[0])
+        self.assertEqual(header.get("agi_arg_1"), "a")
+        self.assertEqual(header.get("agi_callerid"), "100")
+        self.assertEqual(header.get("agi_request"), "agi://127.0.0.1:%d/x" % self.port)
+        self.assertEqual(upstream.replies, [[b"200 result=0\n"] * 3])
+
+    def test_probe_of_a_server_that_says_nothing_exits_1(self):
+        def close_at_once(conn, header, server):
+            pass
+        silent = self.server(behaviour=close_at_once)
+        status, out, err = self.run_cli("--probe", "agi://127.0.0.1:%d/x" % silent.port, "--timeout", "5")
+        self.assertEqual(status, 1, out + err)
+        self.assertIn("<EOF>", out)
+        self.assertIn("0 command(s)", out)
+        self.assertEqual(len(silent.headers), 1)
+
+    def test_probe_of_the_failure_path_and_of_nothing(self):
+        self.write_config("[pool main]\nservers = 127.0.0.1:%d\n[route only]\npath = ivr\npool = main\n"
+                          % free_port())
+        self.start()
+        status, out, err = self.run_cli("--probe", "agi://127.0.0.1:%d/elsewhere" % self.port)
+        self.assertEqual(status, 0, out + err)     # SET VARIABLE is a command
+        self.assertIn("<- SET VARIABLE AGIPROXY_STATUS NOROUTE", out)
+        self.assertIn("<- FAILURE", out)
+        status, out, err = self.run_cli("--probe", "agi://127.0.0.1:%d/x" % free_port())
+        self.assertEqual(status, 1)
+        self.assertIn("cannot connect", out)
+        status, out, err = self.run_cli("--probe", "http://127.0.0.1/x")
+        self.assertEqual(status, 2)
+        self.assertNotIn("Traceback", err)
+
+
+class DaemonTest(ProgramCase):
+
+    def daemon_pid(self, pidfile):
+        with open(pidfile) as handle:
+            return int(handle.read().strip())
+
+    @staticmethod
+    def alive(pid):
+        """True for a running process (a zombie nobody reaped counts as gone)."""
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        try:
+            with open("/proc/%d/stat" % pid) as handle:
+                return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except (IOError, OSError):
+            return True
+
+    def kill_daemon(self, pidfile):
+        try:
+            pid = self.daemon_pid(pidfile)
+        except (IOError, OSError, ValueError):
+            return
+        try:
+            with open("/proc/%d/cmdline" % pid, "rb") as handle:
+                ours = b"agiproxy.py" in handle.read()
+        except (IOError, OSError):
+            ours = False
+        if ours and self.alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+    def start_daemon(self, pidfile, conf=None, cwd=None):
+        self.addCleanup(self.kill_daemon, os.path.join(cwd or "/", pidfile))
+        started = time.monotonic()
+        status, out, err = self.run_cli("-c", conf or self.conf, "--daemon", "--pidfile", pidfile, cwd=cwd)
+        return status, out, err, time.monotonic() - started
+
+    def test_daemon_listens_before_the_parent_returns_and_term_removes_the_pidfile(self):
+        upstream = self.server()
+        self.write_config("[pool main]\nservers = 127.0.0.1:%d\n[route all]\npath = *\npool = main\n"
+                          % upstream.port)
+        pidfile = os.path.join(self.dir, "agiproxy.pid")
+        status, out, err, took = self.start_daemon(pidfile)
+        self.assertEqual((status, out, err), (0, "", ""))
+        # no waiting: the parent returned, so the daemon listens now
+        self.assertEqual(asterisk(self.port).commands, [b"ANSWER", b"GET VARIABLE CHANNEL"])
+        pid = self.daemon_pid(pidfile)
+        self.assertTrue(self.alive(pid))
+        with open("/proc/%d/cmdline" % pid, "rb") as handle:
+            self.assertIn(b"--daemon", handle.read())
+        os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: not os.path.exists(pidfile), message="the pid file to be removed")
+        wait_until(lambda: not self.alive(pid), message="the daemon to exit")
+        self.assertTrue(connect_refused(self.port))
+        self.assertIn("agiproxy[%d]" % pid, self.log_text())
+        self.assertIn("all sessions ended; exiting", self.log_text())
+
+    def test_daemon_that_cannot_listen_fails_in_the_parent(self):
+        blocker = socket.socket()
+        self.addCleanup(blocker.close)
+        blocker.bind(("127.0.0.1", self.port))
+        blocker.listen(1)
+        self.write_config("[pool main]\nservers = 127.0.0.1:1\n[route all]\npath = *\npool = main\n")
+        pidfile = os.path.join(self.dir, "agiproxy.pid")
+        status, out, err, took = self.start_daemon(pidfile)
+        self.assertEqual(status, 1)
+        self.assertFalse(os.path.exists(pidfile))
+        self.assertIn("cannot listen: listen = 127.0.0.1:%d" % self.port, self.log_text())
+
+    def start_relative(self):
+        """A daemon started from self.dir with ``-c agiproxy.conf --pidfile NAME``; return NAME."""
+        upstream = self.server()
+        self.write_config("[pool main]\nservers = 127.0.0.1:%d\n[route all]\npath = *\npool = main\n"
+                          % upstream.port)
+        name = "agiproxy-test-%d-%d.pid" % (os.getpid(), self.port)
+        self.addCleanup(lambda: os.path.exists("/" + name) and os.unlink("/" + name))
+        self.addCleanup(self.kill_daemon, os.path.join("/", name))     # where a chdir("/") puts it
+        status, out, err, took = self.start_daemon(name, conf="agiproxy.conf", cwd=self.dir)
+        self.assertEqual(status, 0, err)
+        return name
+
+    def test_daemon_relative_pidfile_is_written_in_the_working_directory(self):
+        name = self.start_relative()
+        self.assertTrue(os.path.exists(os.path.join(self.dir, name)),
+                        "relative --pidfile not written in the working directory (written at /%s: %s)"
+                        % (name, os.path.exists("/" + name)))
+
+    def test_daemon_started_with_a_relative_config_path_reloads(self):
+        name = self.start_relative()
+        pidfile = os.path.join(self.dir, name)
+        pid = self.daemon_pid(pidfile if os.path.exists(pidfile) else "/" + name)
+        os.kill(pid, signal.SIGHUP)
+        wait_until(lambda: "reload" in self.log_text(), message="the reload to be logged")
+        self.assertNotIn("reload failed", self.log_text())
+        self.wait_log("configuration reloaded", timeout=3)
+
+    @unittest.skipIf(os.path.exists("/dev/log") or os.path.exists("/var/run/syslog"), "a syslog socket exists")
+    def test_daemon_without_syslog_says_why(self):
+        with open(self.conf, "w") as handle:
+            handle.write("[agiproxy]\nlisten = 127.0.0.1:%d\n[pool main]\nservers = 127.0.0.1:1\n"
+                         "[route all]\npath = *\npool = main\n" % self.port)
+        pidfile = os.path.join(self.dir, "agiproxy.pid")
+        status, out, err, took = self.start_daemon(pidfile)
+        if status == 0:
+            return          # it started (logging somewhere): fine
+        self.assertTrue(err.strip(), "daemon exited %d with no word on stderr (log = stderr, no /dev/log)" % status)
+
+
+class InstallTest(unittest.TestCase):
+
+    def make(self, *args):
+        process = subprocess.Popen(["make", "-C", HERE] + list(args), stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
+        out, _ = process.communicate(timeout=60)
+        self.assertEqual(process.returncode, 0, out)
+        return out
+
+    @unittest.skipUnless(shutil.which("make") and shutil.which("install"), "needs make and install")
+    def test_install_keeps_an_edited_config_and_uninstall_removes_the_program(self):
+        root = tempfile.mkdtemp(prefix="agiproxy-destdir-")
+        self.addCleanup(shutil.rmtree, root, True)
+        self.make("install", "DESTDIR=" + root)
+        program = os.path.join(root, "usr/local/bin/agiproxy")
+        config = os.path.join(root, "usr/local/etc/agiproxy.conf")
+        mode = os.stat(program).st_mode
+        self.assertTrue(mode & stat.S_IXUSR and mode & stat.S_IXOTH, oct(mode))
+        with open(program, "rb") as handle, open(PROGRAM, "rb") as original:
+            self.assertEqual(handle.read(), original.read())
+        with open(config, "rb") as handle, open(os.path.join(HERE, "agiproxy.conf.sample"), "rb") as sample:
+            self.assertEqual(handle.read(), sample.read())
+        self.assertEqual(os.stat(config).st_mode & 0o777, 0o644)
+        process = subprocess.Popen([sys.executable, program, "-c", config, "--check"], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, universal_newlines=True)
+        out, err = process.communicate(timeout=TIMEOUT)
+        self.assertEqual(process.returncode, 0, err)
+        with open(config, "a") as handle:
+            handle.write("\n; edited by the administrator\n")
+        out = self.make("install", "DESTDIR=" + root)
+        self.assertIn("keeping existing", out)
+        with open(config) as handle:
+            self.assertIn("edited by the administrator", handle.read())
+        self.assertTrue(os.path.exists(config + ".sample"))
+        self.make("uninstall", "DESTDIR=" + root)
+        self.assertFalse(os.path.exists(program))
+        self.assertFalse(os.path.exists(config + ".sample"))
+        self.assertTrue(os.path.exists(config), "uninstall removed the administrator's configuration")
+
+
+class SystemdNotifyTest(ProgramCase):
+
+    def listen_notify(self, abstract=False):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(sock.close)
+        if abstract:
+            name = "agiproxy-test-%d-%d" % (os.getpid(), self.port)
+            sock.bind("\0" + name)
+            return sock, "@" + name
+        path = os.path.join(self.dir, "notify")
+        sock.bind(path)
+        return sock, path
+
+    @staticmethod
+    def receive(sock, timeout=TIMEOUT):
+        sock.settimeout(timeout)
+        return sock.recv(4096).decode("ascii")
+
+    def run_notify(self, abstract):
+        upstream = self.server()
+        self.write_config("[pool main]\nservers = 127.0.0.1:%d\n[route all]\npath = *\npool = main\n"
+                          % upstream.port)
+        sock, address = self.listen_notify(abstract)
+        child = subprocess.Popen([sys.executable, PROGRAM, "-c", self.conf], stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 env=self.env(NOTIFY_SOCKET=address))
+        self.addCleanup(self.kill, child)
+        self.child = child
+        self.assertEqual(self.receive(sock), "READY=1")
+        self.assertFalse(connect_refused(self.port), "READY=1 before listening")
+        self.assertEqual(asterisk(self.port).commands, [b"ANSWER", b"GET VARIABLE CHANNEL"])
+        self.signal(signal.SIGHUP)
+        self.assertEqual(self.receive(sock), "RELOADING=1")
+        self.assertEqual(self.receive(sock), "READY=1")
+        self.assertIn("configuration reloaded", self.log_text())
+        self.signal(signal.SIGTERM)
+        self.assertEqual(self.receive(sock), "STOPPING=1")
+        self.assertEqual(self.wait_exit(), 0)
+
+    def test_ready_reloading_stopping(self):
+        self.run_notify(abstract=False)
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "abstract sockets are Linux only")
+    def test_abstract_notify_socket(self):
+        self.run_notify(abstract=True)
+
+    def test_notify_socket_gone_is_only_a_warning(self):
+        upstream = self.server()
+        self.write_config("[pool main]\nservers = 127.0.0.1:%d\n[route all]\npath = *\npool = main\n"
+                          % upstream.port)
+        self.write_config("[pool main]\nservers = 127.0.0.1:%d\n[route all]\npath = *\npool = main\n"
+                          % upstream.port, extra="log_level = debug\n")
+        self.start(env=self.env(NOTIFY_SOCKET=os.path.join(self.dir, "nobody-listens")))
+        self.wait_log("cannot notify")
+        self.assertEqual(asterisk(self.port).commands, [b"ANSWER", b"GET VARIABLE CHANNEL"])
+
+
+class CommandLineTest(ProgramCase):
+
+    def test_check_accepts_the_sample(self):
+        sample = os.path.join(HERE, "agiproxy.conf.sample")
+        status, out, err = self.run_cli("-c", sample, "--check")
+        self.assertEqual(status, 0, err)
+        self.assertRegex(out, r"agiproxy.conf.sample: configuration OK \(\d+ routes, \d+ pools\)")
+
+    def test_check_names_file_line_section_and_key(self):
+        broken = os.path.join(self.dir, "broken.conf")
+        cases = [
+            ("[agiproxy]\nlisten = 127.0.0.1:4573\n\n[pool a]\nservers = 127.0.0.1:5 wieght=2\n",
+             "%s:5: [pool a] servers" % broken),
+            ("[agiproxy]\nheader_timeout = soon\n", "%s:2: [agiproxy] header_timeout" % broken),
+            ("[agiproxy]\n[pool a]\nservers = h\n[route r]\npath = x\npool = nowhere\n",
+             "%s:6: [route r] pool" % broken),
+            ("[agiproxy]\nlisen = 1.2.3.4\n", "%s:2: [agiproxy] lisen" % broken),
+            ("listen = 1.2.3.4\n", broken),
+            ("[agiproxy]\n[agiproxy]\n", broken),
+            (b"[agiproxy]\nlog = /tmp/\xff\n", "not UTF-8"),
+        ]
+        for text, fragment in cases:
+            with open(broken, "wb") as handle:
+                handle.write(text if isinstance(text, bytes) else text.encode())
+            status, out, err = self.run_cli("-c", broken, "--check")
+            self.assertNotEqual(status, 0, text)
+            self.assertIn(fragment, err, text)
+            self.assertNotIn("Traceback", err)
+            self.assertEqual(out, "")
+        status, out, err = self.run_cli("-c", os.path.join(self.dir, "missing.conf"), "--check")
+        self.assertNotEqual(status, 0)
+        self.assertIn("missing.conf: cannot read configuration", err)
+        self.assertNotIn("Traceback", err)
+
+    def test_serving_a_port_in_use_says_so_without_a_traceback(self):
+        blocker = socket.socket()
+        self.addCleanup(blocker.close)
+        blocker.bind(("127.0.0.1", self.port))
+        blocker.listen(1)
+        with open(self.conf, "w") as handle:
+            handle.write("[agiproxy]\nlisten = 127.0.0.1:%d\n" % self.port)
+        status, out, err = self.run_cli("-c", self.conf)
+        self.assertEqual(status, 1)
+        self.assertIn("cannot listen: listen = 127.0.0.1:%d" % self.port, err)
+        self.assertNotIn("Traceback", err)
+
+    def test_explain_prints_route_pool_and_servers(self):
+        self.write_config("""
+            [pool billing]
+            mode = failover
+            servers =
+                10.0.0.1:4573 weight=2 max=50
+                10.0.0.9 backup
+            [pool other]
+            servers = 10.0.0.5
+            [route pstn]
+            agi_context = ^from-pstn$
+            pool = other
+            [route billing]
+            path = billing
+            pool = billing
+        """)
+        status, out, err = self.run_cli("-c", self.conf, "-t", "agi://pbx/billing/charge?x=1")
+        self.assertEqual(status, 0, err)
+        self.assertIn("route:    billing (longest path /billing)", out)
+        self.assertIn("pool:     billing (mode failover)", out)
+        self.assertIn("server 1: 10.0.0.1:4573 weight=2 max=50", out)
+        self.assertIn("server 2: 10.0.0.9:4573 weight=1 backup", out)
+        self.assertIn("agi_request: agi://pbx/billing/charge?x=1", out)
+        status, out, err = self.run_cli("-c", self.conf, "-t", "agi://pbx/billing", "--var", "context=from-pstn")
+        self.assertEqual(status, 0, err)
+        self.assertIn("route:    pstn (conditions, in file order)", out)
+        self.assertIn("server 1: 10.0.0.5:4573", out)
+        status, out, err = self.run_cli("-c", self.conf, "-t", "agi://pbx/ivr")
+        self.assertEqual(status, 1)
+        self.assertIn("route:    none", out)
+        self.assertIn("NOROUTE", out)
+        status, out, err = self.run_cli("-c", self.conf, "-t", "not-a-url")
+        self.assertEqual(status, 2)
+        self.assertIn("not an agi://", err)
+        self.assertNotIn("Traceback", err)
+
+    def test_version(self):
+        status, out, err = self.run_cli("--version")
+        self.assertEqual(status, 0)
+        self.assertEqual((out + err).strip(), "agiproxy " + agiproxy.__version__)
+        self.assertRegex(agiproxy.__version__, r"^\d+\.\d+\.\d+$")
 
 
 ###############################################################################
