@@ -542,7 +542,11 @@ class HeaderError(Exception):
     """A client's header that cannot be an Asterisk FastAGI header."""
 
 
-_HEADER_LINE = re.compile(rb"^([A-Za-z0-9_]+): ?(.*?)\r?$", re.S)
+#: A whole header body (decoded), so one C-level match validates every line.
+_HEADER_BODY = re.compile(r"(?:[A-Za-z0-9_]+: ?[^\n\x00]*\n)*")
+_HEADER_VARIABLE = re.compile(r"^([A-Za-z0-9_]+): ?([^\n]*?)\r?$", re.M)
+_HEADER_LINE = re.compile(r"[A-Za-z0-9_]+: ?[^\n\x00]*\n?")
+_LINE = re.compile(rb"[^\n]*\n")
 _BLANK_LINE = re.compile(rb"\n\r?\n")
 
 
@@ -567,22 +571,22 @@ class AgiHeader(object):
     decoded as UTF-8 with surrogate escapes, so any byte round-trips.
     """
 
-    def __init__(self, lines, terminator=b"\n"):
-        self.lines = lines
+    def __init__(self, body, terminator=b"\n"):
+        self.lines = _LINE.findall(body)
         self.terminator = terminator
-        self.variables = {}
-        for number, line in enumerate(lines, 1):
-            match = _HEADER_LINE.match(line[:-1] if line.endswith(b"\n") else line)
-            if not match or b"\x00" in line:
-                raise HeaderError("malformed header line %d: %s" % (number, printable(line[:80])))
-            self.variables.setdefault(match.group(1).decode("ascii"), decode(match.group(2)))
+        text = decode(body)
+        if not _HEADER_BODY.fullmatch(text):
+            for number, line in enumerate(text.splitlines(True), 1):
+                if not _HEADER_LINE.fullmatch(line):
+                    raise HeaderError("malformed header line %d: %s" % (number, printable(line[:80])))
+        self.variables = dict(reversed(_HEADER_VARIABLE.findall(text)))    # the first of a name wins
 
     @classmethod
     def parse(cls, data):
         """Build a header from the bytes up to and including the blank line."""
-        body, terminator = (data[:-2], data[-2:]) if data.endswith(b"\r\n") else (data[:-1], data[-1:])
-        lines = body.splitlines(True) if body else []
-        return cls(lines, terminator)
+        if data.endswith(b"\r\n"):
+            return cls(data[:-2], data[-2:])
+        return cls(data[:-1], data[-1:])
 
     def __len__(self):
         return len(self.lines)
@@ -1095,10 +1099,34 @@ def tls_handshake(sock, deadline):
         wait_for(sock, events, remaining)
 
 
+def literal_family(host):
+    """AF_INET or AF_INET6 when *host* is an IP address literal, else None (a name)."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+            return family
+        except (OSError, ValueError):
+            pass
+    return None
+
+
 def open_connection(host, port, timeout, tls_context=None):
-    """Connect to an upstream within *timeout* seconds (TLS included); return the socket."""
+    """Connect to an upstream within *timeout* seconds (TLS included); return the socket.
+
+    An IP literal is connected to directly: getaddrinfo() and the IDNA codec
+    cost more than the rest of the connect on loopback."""
     deadline = time.monotonic() + timeout
-    sock = socket.create_connection((host, port), timeout)
+    family = literal_family(host)
+    if family is None:
+        sock = socket.create_connection((host, port), timeout)
+    else:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect((host, port))
+        except BaseException:
+            sock.close()
+            raise
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if tls_context is not None:
@@ -1358,6 +1386,7 @@ class Session(object):
     def read_header(self, deadline):
         """Read the client's header by *deadline*; return ``(AgiHeader, bytes after it)``."""
         settings = self.settings
+        self.client.setblocking(False)
         buffer = b""
         while True:
             end = header_end(buffer)
@@ -1373,16 +1402,15 @@ class Session(object):
                 raise HeaderError("more than max_header_lines = %d lines" % settings.max_header_lines)
             if b"\n" in buffer:
                 AgiHeader.parse(buffer[:buffer.index(b"\n") + 1] + b"\n")   # reject garbage early
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise HeaderError("header incomplete after header_timeout = %gs (%d bytes)"
-                                  % (settings.header_timeout, len(buffer)))
-            self.client.settimeout(remaining)
             try:
                 chunk = self.client.recv(8192)
-            except socket.timeout:
-                raise HeaderError("header incomplete after header_timeout = %gs (%d bytes)"
-                                  % (settings.header_timeout, len(buffer)))
+            except WOULD_BLOCK:     # nothing yet: wait for it, within the header's deadline
+                try:
+                    wait_for(self.client, READ, deadline - time.monotonic())
+                except socket.timeout:
+                    raise HeaderError("header incomplete after header_timeout = %gs (%d bytes)"
+                                      % (settings.header_timeout, len(buffer)))
+                continue
             if not chunk:
                 raise HeaderError("client closed after %d bytes, before the end of the header" % len(buffer)
                                   if buffer else "client closed without sending anything")
@@ -1473,12 +1501,7 @@ class Session(object):
 
     def start_relay(self, to_upstream):
         """Set up the relay state and write what the upstream can take at once."""
-        if not isinstance(self.client, ssl.SSLSocket):
-            # socketserver closes the accepted socket when the handler returns: keep our own
-            # (wrap_socket already detached it for TLS)
-            self.client = socket.socket(self.client.family, self.client.type, fileno=self.client.detach())
         client, upstream = self.client, self.upstream
-        client.setblocking(False)
         self.peer = {client: upstream, upstream: client}
         self.outbox = {client: bytearray(), upstream: bytearray(to_upstream)}
         self.interest = {client: 0, upstream: 0}
@@ -1808,6 +1831,15 @@ class AgiListener(socketserver.ThreadingMixIn, socketserver.TCPServer):
         except RuntimeError as exc:   # can't start new thread
             self.proxy.limited_log("thread", logging.ERROR, "%s: cannot serve %s: %s",
                                    self.name, client_address[0], exc)
+            self.shutdown_request(request)
+
+    def process_request_thread(self, request, client_address):
+        """ThreadingMixIn's, without closing the socket: the Session owns it and
+        closes it itself, in the relay thread if it got that far."""
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
             self.shutdown_request(request)
 
     def handle_error(self, request, client_address):

@@ -2879,7 +2879,7 @@ class FuzzTest(SecurityCase):
         total = sum(counts.values())
         sys.stderr.write("%d connections: %s " % (total, dict(counts)))
         self.assertEqual(errors, [], "seed %d" % seed)
-        self.assertGreater(total, 300 * seconds / 3.0, "seed %d" % seed)
+        self.assertGreater(total, 100, "seed %d: the fuzz hardly ran (a stuck proxy?)" % seed)
         self.assertIdle(proxy)
         self.assertServes(proxy)      # (not upstream=: the server may still be reading fuzz headers the
         self.assertServes(proxy, tls=True)   # proxy sent before its client reset)
