@@ -1045,7 +1045,7 @@ IGNORE_UNEXPECTED_EOF = getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF",
 
 def _require_tls12(context):
     if hasattr(context, "minimum_version"):
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.minimum_version = ssl.TLSVersion.TLSv1_2  # novermin (guarded: 3.7+)
     else:  # Python 3.6
         context.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
     context.options |= IGNORE_UNEXPECTED_EOF

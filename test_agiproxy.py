@@ -1971,7 +1971,7 @@ def certificates():
 
 def tls12(context):
     if hasattr(context, "minimum_version") and hasattr(ssl, "TLSVersion"):
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.minimum_version = ssl.TLSVersion.TLSv1_2  # novermin (guarded: 3.7+)
     return context
 
 

@@ -10,7 +10,6 @@ import ctypes
 import ctypes.util
 import json
 import os
-import resource
 import selectors
 import shlex
 import shutil
@@ -24,6 +23,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 WORKERS = os.path.join(HERE, "bench_workers.py")
+sys.path.insert(0, HERE)
+from bench_workers import raise_nofile  # noqa: E402  (the same limit for driver and workers)
 DEFAULT_PROXY = "{python} {repo}/agiproxy.py -c {conf}"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -46,14 +47,13 @@ def log(msg):
     sys.stderr.flush()
 
 
-def raise_nofile():
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            pass
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+def tail_of(path, lines):
+    """The last *lines* lines of a log file, or '' if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return "\n".join(f.read().decode("utf-8", "replace").splitlines()[-lines:])
+    except OSError:
+        return ""
 
 
 def make_preexec(cpus):
@@ -191,13 +191,8 @@ class Worker(object):
         self.pid = hello["pid"]
         self.nofile = hello["nofile"]
 
-    def stderr_tail(self, n=15):
-        try:
-            with open(self.errpath, "rb") as f:
-                lines = f.read().decode("utf-8", "replace").splitlines()
-            return "\n".join(lines[-n:])
-        except OSError:
-            return ""
+    def stderr_tail(self):
+        return tail_of(self.errpath, 15)
 
     def send(self, obj):
         try:
@@ -286,13 +281,8 @@ class Proxy(object):
             raise BenchError("proxy exited (rc=%s): %s\noutput:\n%s"
                              % (self.p.returncode, self.cmd, self.output_tail()))
 
-    def output_tail(self, n=20):
-        try:
-            with open(self.errpath, "rb") as f:
-                lines = f.read().decode("utf-8", "replace").splitlines()
-            return "\n".join(lines[-n:])
-        except OSError:
-            return ""
+    def output_tail(self):
+        return tail_of(self.errpath, 20)
 
     def output_lines(self):
         try:
