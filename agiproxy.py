@@ -2527,7 +2527,8 @@ def probe(url, args=(), variables=None, tls=False, ca=None, insecure=False, repl
           timeout=10.0, out=sys.stdout):
     """Play Asterisk against the FastAGI server at *url*; print the transcript.
 
-    Returns 0 when the server sent at least one command, 1 otherwise.
+    Returns 0 when the server sent at least one command and did not end with
+    FAILURE (after which Asterisk sets AGISTATUS=FAILURE), 1 otherwise.
     """
     if url.lower().startswith("agis://"):
         tls, url = True, "agi://" + url[7:]
@@ -2543,7 +2544,7 @@ def probe(url, args=(), variables=None, tls=False, ca=None, insecure=False, repl
         context = ssl.create_default_context(cafile=ca)
         if insecure:
             context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-    commands = 0
+    commands, failed = 0, False
     try:
         sock = open_connection(request.host, request.port or DEFAULT_PORT, timeout, context)
     except (OSError, ValueError) as exc:
@@ -2563,6 +2564,7 @@ def probe(url, args=(), variables=None, tls=False, ca=None, insecure=False, repl
                 break
             say("<-", printable(line.rstrip(b"\r\n")))
             if line.lower().startswith(b"failure"):
+                failed = True
                 break
             commands += 1
             sock.sendall(encode(reply) + b"\n")
@@ -2572,8 +2574,9 @@ def probe(url, args=(), variables=None, tls=False, ca=None, insecure=False, repl
         say("!!", describe_error(exc))
     finally:
         close_quietly(sock)
-    out.write("%d command(s) from %s\n" % (commands, request.authority))
-    return 0 if commands else 1
+    out.write("%d command(s) from %s%s\n" % (commands, request.authority,
+                                             "; it ended with FAILURE: AGISTATUS=FAILURE" if failed else ""))
+    return 0 if commands and not failed else 1
 
 
 def explain(config, url, variables=None, out=sys.stdout):

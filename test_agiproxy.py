@@ -3571,9 +3571,10 @@ class ProbeModeTest(ProgramCase):
                           % free_port())
         self.start()
         status, out, err = self.run_cli("--probe", "agi://127.0.0.1:%d/elsewhere" % self.port)
-        self.assertEqual(status, 0, out + err)     # SET VARIABLE is a command
+        self.assertEqual(status, 1, out + err)     # Asterisk would end the AGI with AGISTATUS=FAILURE
         self.assertIn("<- SET VARIABLE AGIPROXY_STATUS NOROUTE", out)
         self.assertIn("<- FAILURE", out)
+        self.assertIn("AGISTATUS=FAILURE", out)
         status, out, err = self.run_cli("--probe", "agi://127.0.0.1:%d/x" % free_port())
         self.assertEqual(status, 1)
         self.assertIn("cannot connect", out)
