@@ -68,13 +68,11 @@ RELAY_BUFFER_LIMIT = 1 << 20
 FLUSH_TIMEOUT = 2.0
 #: Time the failure path waits for Asterisk's reply to SET VARIABLE.
 FAILURE_REPLY_TIMEOUT = 2.0
-#: Stack size of session threads: the relay is shallow, and 8 MiB each would
-#: reserve 70 GiB of address space for 9,000 calls.
+#: Stack size of worker threads: they only read a header and connect, and the
+#: default 8 MiB each adds up during a burst of calls.
 THREAD_STACK_SIZE = 512 * 1024
 #: Buckets of the session duration histogram, in seconds.
 DURATION_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
-
-FAILURE_REASONS = ("NOROUTE", "NOUPSTREAM", "BUSY", "BADREQUEST")
 
 log = logging.getLogger("agiproxy")
 
@@ -387,20 +385,21 @@ class _ConfigReader(object):
         values = {}
         for key, (parse, default) in options.items():
             raw = items.get(key, default)
+            if not raw.strip():
+                if parse not in EMPTY_VALUES:
+                    raise self.error(section, key, "needs a value (default: %s)" % (default or "none"))
+                values[key] = EMPTY_VALUES[parse]
+                continue
             try:
-                values[key] = parse(raw) if raw.strip() or parse in (text_value,) else parse_empty(parse)
+                values[key] = parse(raw)
             except ValueError as exc:
                 raise self.error(section, key, "%s (got %r)" % (exc, raw))
         return Settings(values)
 
 
-def parse_empty(parse):
-    """The value of an option left empty: an empty list, string or pattern."""
-    if parse in (parse_address_list, parse_networks, parse_command):
-        return []
-    if parse is parse_regex:
-        return None
-    return ""
+#: The options that may be left empty, and what empty means for them.
+EMPTY_VALUES = {text_value: "", parse_readable_file: "", parse_regex: None,
+                parse_address_list: [], parse_networks: [], parse_command: []}
 
 
 def parse_config(text, source="<config>"):
@@ -465,8 +464,12 @@ def _validate_global(reader, settings):
         raise reader.error("agiproxy", "connect_timeout", "must be more than 0")
     if settings.connect_budget < settings.connect_timeout:
         raise reader.error("agiproxy", "connect_budget", "must be at least connect_timeout")
-    if settings.max_header_lines < 4 or settings.max_header_bytes < 256:
-        raise reader.error("agiproxy", "max_header_lines", "limits too small for an Asterisk header")
+    if settings.max_header_lines < 4:
+        raise reader.error("agiproxy", "max_header_lines", "too small for an Asterisk header (at least 4)")
+    if settings.max_header_bytes < 256:
+        raise reader.error("agiproxy", "max_header_bytes", "too small for an Asterisk header (at least 256)")
+    if len(settings.stats_listen) > 1:
+        raise reader.error("agiproxy", "stats_listen", "one address only")
     if settings.log not in ("stderr", "syslog") and not settings.log.startswith("/"):
         raise reader.error("agiproxy", "log", "expected stderr, syslog or an absolute file path")
 
@@ -542,10 +545,12 @@ class HeaderError(Exception):
     """A client's header that cannot be an Asterisk FastAGI header."""
 
 
-#: A whole header body (decoded), so one C-level match validates every line.
-_HEADER_BODY = re.compile(r"(?:[A-Za-z0-9_]+: ?[^\n\x00]*\n)*")
+#: A whole header body (decoded), so one C-level match validates every line.  Each
+#: line must match one way only: an optional space before a free value would let a
+#: bad last line cost 2**lines steps (with the GIL held).
+_HEADER_BODY = re.compile(r"(?:[A-Za-z0-9_]+:[^\n\x00]*\n)*")
 _HEADER_VARIABLE = re.compile(r"^([A-Za-z0-9_]+): ?([^\n]*?)\r?$", re.M)
-_HEADER_LINE = re.compile(r"[A-Za-z0-9_]+: ?[^\n\x00]*\n?")
+_HEADER_LINE = re.compile(r"[A-Za-z0-9_]+:[^\n\x00]*\n?")
 _LINE = re.compile(rb"[^\n]*\n")
 _BLANK_LINE = re.compile(rb"\n\r?\n")
 
@@ -675,6 +680,8 @@ def parse_request(url):
     if not match:
         raise ValueError("not an agi:// or hagi:// URL: %s" % printable(url[:200]))
     scheme, host, port, path, query = match.groups()
+    if port and int(port) > 65535:
+        raise ValueError("port %s out of range: %s" % (port, printable(url[:200])))
     return AgiRequest(scheme, host.strip("[]"), int(port) if port else None, path or "", query or "")
 
 
@@ -875,6 +882,17 @@ class Member(object):
         return bool(self.max) and self.state.active >= self.max
 
 
+class PoolState(object):
+    """What a pool keeps across reloads, shared by its old and new Pool objects
+    (guarded by the proxy's lock): ended sessions, saturation, its hook runner."""
+
+    def __init__(self):
+        self.sessions = 0
+        self.saturated = False
+        self.saturation_hook_at = -math.inf
+        self.hooks = HookRunner()
+
+
 class Pool(object):
     """The servers of a [pool] section and the policy for choosing among them.
 
@@ -900,10 +918,7 @@ class Pool(object):
         self.backups = [m for m in self.members if m.backup]
         self.capacity = sum(m.max for m in self.members) if all(m.max for m in self.members) else 0
         self.rotation = 0
-        self.saturated = False
-        self.saturation_hook_at = -math.inf
-        self.hooks = HookRunner()
-        self.sessions = 0
+        self.state = PoolState()
 
     @property
     def active(self):
@@ -965,14 +980,14 @@ class Pool(object):
             return None
         active = self.active
         ratio = active / float(self.capacity)
-        settings = self.settings
-        if not self.saturated and ratio >= settings.saturation:
-            if now - self.saturation_hook_at < settings.saturation_interval:
+        settings, state = self.settings, self.state
+        if not state.saturated and ratio >= settings.saturation:
+            if now - state.saturation_hook_at < settings.saturation_interval:
                 return None
-            self.saturated, self.saturation_hook_at = True, now
+            state.saturated, state.saturation_hook_at = True, now
             hook = ("on_saturation", settings.on_saturation)
-        elif self.saturated and ratio < settings.saturation:
-            self.saturated = False
+        elif state.saturated and ratio < settings.saturation:
+            state.saturated = False
             hook = ("on_recovery", settings.on_recovery)
         else:
             return None
@@ -1006,10 +1021,7 @@ class Upstreams(object):
             pool = Pool(spec, shared)
             self.states.update(shared)
             if name in old_pools:
-                pool.saturated = old_pools[name].saturated
-                pool.hooks = old_pools[name].hooks
-                pool.saturation_hook_at = old_pools[name].saturation_hook_at
-                pool.sessions = old_pools[name].sessions
+                pool.state = old_pools[name].state
             self.pools[name] = pool
         self.router = Router(config.routes)
 
@@ -1415,6 +1427,9 @@ class Session(object):
                 raise HeaderError("client closed after %d bytes, before the end of the header" % len(buffer)
                                   if buffer else "client closed without sending anything")
             buffer += chunk
+        pending = getattr(self.client, "pending", None)
+        while pending and pending():       # TLS: decrypted bytes after the header would wait for more
+            buffer += self.client.recv(8192)
         if end > settings.max_header_bytes:
             raise HeaderError("header larger than max_header_bytes = %d" % settings.max_header_bytes)
         header = AgiHeader.parse(buffer[:end])
@@ -1439,6 +1454,7 @@ class Session(object):
                     ("every server is busy" if reason == "BUSY" else "every server is down")
                 return self.fail(reason, "pool %s: %s" % (pool.name, why))
             tried.append(member)
+            self.member, self.trial = member, trial      # ours now: session_ended gives it back
             timeout = min(settings.connect_timeout, budget_deadline - time.monotonic())
             state = member.state
             try:
@@ -1450,12 +1466,12 @@ class Session(object):
                 # or memory says anything against the server
                 judged = not (isinstance(exc, socket.timeout) and timeout < settings.connect_timeout) and \
                     getattr(exc, "errno", None) not in LOCAL_SHORTAGE
+                self.member, self.trial = None, False
                 proxy.connect_failed(pool, member, describe_error(exc), trial, judged)
                 if time.monotonic() >= budget_deadline:
                     return self.fail("NOUPSTREAM", "pool %s: connect_budget = %gs spent"
                                      % (pool.name, settings.connect_budget))
                 continue
-            self.member, self.trial = member, trial
             return self.upstream_header(request, header, path, query)
 
     def upstream_header(self, request, header, path, query):
@@ -1529,9 +1545,9 @@ class Session(object):
         sockets' shutdown wakes whichever thread has the session."""
         self.abort_reason = reason
         for sock in (self.client, self.upstream):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except (OSError, AttributeError):
+            try:    # the plain socket's shutdown: SSLSocket's would drop its TLS state under a handshake
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except (OSError, TypeError):
                 pass
 
 
@@ -1573,6 +1589,7 @@ class Relay(object):
         self.incoming = []
         self.woken = False
         self.timers = []        # heap of (when, sequence, session)
+        self.live = 0           # sessions relaying now
         self.sequence = itertools.count()
         self.stopping = False
         self.thread = threading.Thread(target=self.run, name="relay", daemon=True)
@@ -1582,13 +1599,18 @@ class Relay(object):
 
     def stop(self):
         """End the loop; sessions still relaying are closed as "shutdown"."""
-        self.stopping = True
+        with self.lock:
+            self.stopping = True
         self._wake()
         self.thread.join(FLUSH_TIMEOUT + 5)
 
     def add(self, session):
         """Take over a connected session (called from its worker thread)."""
         with self.lock:
+            if self.stopping:
+                session.end = session.abort_reason or "shutdown"
+                session.close()
+                return
             self.incoming.append(session)
             wake, self.woken = not self.woken, True
         if wake:
@@ -1639,6 +1661,7 @@ class Relay(object):
         with self.lock:
             incoming, self.incoming, self.woken = self.incoming, [], False
         for session in incoming:
+            self.live += 1
             try:
                 self._update(session)
             except (OSError, ValueError) as exc:     # closed under us (an abort): end it here
@@ -1759,6 +1782,10 @@ class Relay(object):
                     pass
                 session.interest[sock] = 0
         session.close()
+        self.live -= 1
+        if len(self.timers) > 2 * self.live + 64:     # entries of ended sessions: drop them
+            self.timers = [entry for entry in self.timers if not entry[2].closed]
+            heapq.heapify(self.timers)
 
 
 def describe_header_error(exc):
@@ -1826,9 +1853,11 @@ class AgiListener(socketserver.ThreadingMixIn, socketserver.TCPServer):
         return self.proxy.admit(client_address, self.tls)
 
     def process_request(self, request, client_address):
+        self.proxy.accepted()
         try:
             self.proxy.workers.submit(self.process_request_thread, request, client_address)
         except RuntimeError as exc:   # can't start new thread
+            self.proxy.accepted(-1)
             self.proxy.limited_log("thread", logging.ERROR, "%s: cannot serve %s: %s",
                                    self.name, client_address[0], exc)
             self.shutdown_request(request)
@@ -1926,7 +1955,8 @@ class Proxy(object):
         self.upstreams = Upstreams(config)
         self.server_context = make_server_context(config.settings) if config.settings.tls_cert else None
         self.sessions = set()
-        self.active = 0
+        self.accepting = 0      # accepted, waiting for a worker: not in sessions yet
+        self.active = 0         # sessions holding a server slot (connecting or relaying)
         self.stats = Stats()
         self.listeners = collections.OrderedDict()   # (tls, host, port) as configured -> AgiListener
         self.stats_server = None
@@ -2068,8 +2098,14 @@ class Proxy(object):
 
     # -- sessions ----------------------------------------------------------
 
+    def accepted(self, count=1):
+        """A connection was accepted and queued for a worker (count=-1: it was not)."""
+        with self.lock:
+            self.accepting += count
+
     def session_started(self, session):
         with self.lock:
+            self.accepting -= 1
             self.sessions.add(session)
             self.stats.connections += 1
 
@@ -2080,32 +2116,31 @@ class Proxy(object):
         hook = None
         with self.lock:
             self.sessions.discard(session)
-            member = session.member
+            member, pool = session.member, session.pool
             if member is not None:
-                state, pool = member.state, session.pool
-                state.active -= 1
-                self.active -= 1
+                state = member.state
                 state.sessions += 1
                 state.bytes_up += session.bytes_up
                 state.bytes_down += session.bytes_down
-                pool.sessions += 1
+                pool.state.sessions += 1
                 self.stats.observe(duration, session.bytes_up, session.bytes_down)
+                # closed or reset before saying anything: a crashed app behind a live port
+                silent = not session.bytes_down and session.end.startswith("upstream")
                 if session.trial:    # the half-open try never heard from the server
-                    if session.end == "upstream closed":
-                        self._mark_down(pool, member, "closed the trial session without a command", now, True)
+                    if silent:
+                        self._mark_down(pool, member, "ended the trial session without a command", now, True)
                     else:
                         state.trial = False
                 elif session.bytes_down:
                     state.early_closes = 0
-                elif session.end == "upstream closed" and pool.settings.early_close_limit:
+                elif silent and pool.settings.early_close_limit:
                     state.early_closes += 1
                     if state.early_closes >= pool.settings.early_close_limit:
-                        self._mark_down(pool, member, "closed %d sessions in a row without a command"
+                        self._mark_down(pool, member, "ended %d sessions in a row without a command"
                                         % pool.settings.early_close_limit, now)
-                hook = pool.saturation_change(now)
-            drained = self.draining and not self.sessions
-        if hook:
-            session.pool.hooks.submit(hook, session.pool.settings.hook_timeout)
+                hook = self._give_back(pool, member, now)
+            drained = self.draining and not self.sessions and not self.accepting
+        self._run_hook(pool, hook)
         if session.settings.access_log and log.isEnabledFor(logging.INFO):
             log.info('session client=%s request="%s" route=%s pool=%s server=%s duration=%.3f '
                      'bytes_up=%d bytes_down=%d end="%s"', session.client_name, printable(session.request_url),
@@ -2131,25 +2166,31 @@ class Proxy(object):
             if member is not None:
                 self.active += 1
                 hook = pool.saturation_change(time.monotonic())
-        if hook:
-            pool.hooks.submit(hook, pool.settings.hook_timeout)
+        self._run_hook(pool, hook)
         return member, reason
 
     def connect_failed(self, pool, member, why, trial, judged=True):
         """Give back the slot of a failed connect; *judged*: the failure counts against the server."""
         now = time.monotonic()
         with self.lock:
-            state = member.state
-            state.active -= 1
-            self.active -= 1
-            state.connect_failures += 1
+            member.state.connect_failures += 1
             if judged:
                 self._mark_down(pool, member, "connect failed: " + why, now, trial)
             elif trial:
-                state.trial = False
-            hook = pool.saturation_change(now)
+                member.state.trial = False
+            hook = self._give_back(pool, member, now)
+        self._run_hook(pool, hook)
+
+    def _give_back(self, pool, member, now):
+        """With the lock held: free *member*'s slot; return the pool hook now due, if any."""
+        member.state.active -= 1
+        self.active -= 1
+        return pool.saturation_change(now)
+
+    @staticmethod
+    def _run_hook(pool, hook):
         if hook:
-            pool.hooks.submit(hook, pool.settings.hook_timeout)
+            pool.state.hooks.submit(hook, pool.settings.hook_timeout)
 
     def trial_passed(self, pool, member):
         """The half-open try got its first byte from the server: it is back."""
@@ -2255,7 +2296,7 @@ class Proxy(object):
                                      stats.reloads)]
             for pool in self.upstreams.pools.values():
                 lines.append("pool %s (%s): %d active, %d sessions" % (pool.name, pool.mode, pool.active,
-                                                                       pool.sessions))
+                                                                       pool.state.sessions))
                 for member in pool.members:
                     state = member.state
                     lines.append("  server %s%s: %s, %d/%s active, %d sessions, %d connect failures%s" % (
@@ -2288,7 +2329,7 @@ class Proxy(object):
             metric("pool_sessions_active", "gauge", "Live sessions per pool.",
                    [((("pool", p.name),), p.active) for p in self.upstreams.pools.values()])
             metric("pool_sessions_total", "counter", "Ended sessions per pool.",
-                   [((("pool", p.name),), p.sessions) for p in self.upstreams.pools.values()])
+                   [((("pool", p.name),), p.state.sessions) for p in self.upstreams.pools.values()])
             labels = [(("pool", p.name), ("server", m.name)) for p, m in members]
             metric("server_up", "gauge", "1 when the server takes sessions.",
                    [(l, int(m.state.up)) for l, (p, m) in zip(labels, members)])
@@ -2509,7 +2550,7 @@ def run_until_stopped(proxy, config_path):
                     log.warning("stopping: no longer accepting; waiting for %d sessions%s", len(proxy.sessions),
                                 " for up to %gs" % timeout if timeout else "")
             if proxy.draining:
-                if not proxy.sessions:
+                if not proxy.sessions and not proxy.accepting:
                     log.warning("all sessions ended; exiting")
                     return
                 if deadline is not None and time.monotonic() >= deadline:

@@ -418,6 +418,14 @@ class ConfigTest(unittest.TestCase):
         self.assertConfigError("no sections at all\n", "<test>")
         self.assertConfigError("[pool a]\nservers = h\n", "missing section [agiproxy]")
 
+    def test_empty_values_need_one_where_empty_means_nothing(self):
+        for section, key in (("agiproxy", "header_timeout"), ("agiproxy", "log_level"),
+                             ("agiproxy", "failure_variable"), ("pool p", "mode"), ("pool p", "saturation")):
+            text = "[agiproxy]\n[pool p]\nservers = h\n"
+            text = text.replace("[%s]\n" % section, "[%s]\n%s =\n" % (section, key))
+            self.assertConfigError(text, "[%s] %s: needs a value" % (section, key))
+        make_config("[agiproxy]\nallow =\ntls_cert =\n[pool p]\nservers = h\non_saturation =\n")
+
     def test_missing_file_is_a_config_error(self):
         with self.assertRaises(agiproxy.ConfigError) as caught:
             agiproxy.load_config("/nonexistent/agiproxy.conf")
@@ -468,6 +476,15 @@ class HeaderTest(unittest.TestCase):
         self.assertEqual(agiproxy.encode(header.get("agi_calleridname")), b"J\xf6rg")
         rewritten = header.encode({"agi_request": "agi://h/y"})
         self.assertEqual(rewritten, data.replace(b"/x", b"/y"))
+
+    def test_bad_last_line_is_rejected_in_linear_time(self):
+        """A regex that could match a line two ways took 2**lines steps, holding the GIL:
+        run it in a child so a regression fails here instead of hanging the suite."""
+        code = ("import agiproxy\n"
+                "data = b''.join(b'agi_v%d: x\\n' % n for n in range(200)) + b'bad line\\n\\n'\n"
+                "try:\n    agiproxy.AgiHeader.parse(data)\nexcept agiproxy.HeaderError as exc:\n    print(exc)\n")
+        out = subprocess.check_output([sys.executable, "-c", code], cwd=HERE, timeout=TIMEOUT)
+        self.assertIn(b"malformed header line 201", out)
 
     def test_garbage_rejected(self):
         for bad in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"agi_x: 1\x00\n\n", b"no colon here\n\n",
@@ -853,6 +870,18 @@ class SessionTest(ProxyCase):
             self.assertTrue(expect_eof(sock, time.monotonic() + TIMEOUT))
         self.assertEqual(upstream.replies, [b"HANGUP\n" + usage])
         self.assertIdle(proxy)
+
+
+class RelayTimerTest(ProxyCase):
+
+    def test_ended_sessions_do_not_pile_up_in_the_timer_heap(self):
+        upstream = self.server()
+        proxy = self.proxy(BASIC.replace("listen = 127.0.0.1:0", "listen = 127.0.0.1:0\nmax_session_time = 1h"),
+                           upstream)
+        for _ in range(150):
+            asterisk(self.port(proxy))
+        self.assertIdle(proxy)
+        self.assertLessEqual(len(proxy.relay.timers), 64 + 2)
 
 
 class TraceReplayTest(ProxyCase):
@@ -1602,10 +1631,24 @@ class PoolEarlyCloseTest(PoolCase):
             self.assertIdle(proxy)
             self.assertEqual(state.up, number < 3)
             self.assertEqual(state.early_closes, number % 3)
-        self.assertEqual(state.why_down, "closed 3 sessions in a row without a command")
+        self.assertEqual(state.why_down, "ended 3 sessions in a row without a command")
         for _ in range(2):
             self.assertEqual(asterisk(self.port(proxy)).commands, SERVED)
         self.assertEqual((len(bad.headers), len(good.headers)), (3, 2))
+
+    def test_resets_count_like_closes(self):
+        """An app that crashes with a RST instead of a FIN is just as broken."""
+        def reset(conn, header, server):
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        bad = self.server(behaviour=reset)
+        good = self.server()
+        proxy = self.proxy(self.POOL % (2, "30", bad.port, good.port))
+        state = self.state(proxy, bad.port)
+        for _ in range(2):
+            asterisk(self.port(proxy))
+            self.assertIdle(proxy)
+        self.assertFalse(state.up)
+        self.assertEqual(asterisk(self.port(proxy)).commands, SERVED)
 
     def test_a_command_resets_the_count(self):
         plan = ["close", "close", "answer", "close", "close", "close"]
@@ -1696,13 +1739,13 @@ class PoolHookTest(PoolCase):
         self.assertEqual(self.lines(out), [])                                  # 1/4 is below 0.5
         second = self.hold(proxy, upstream)
         wait_until(lambda: self.lines(out) == ["sat main 2 4"], message="on_saturation")
-        fired_at = pool.saturation_hook_at
+        fired_at = pool.state.saturation_hook_at
         second.close()
         wait_until(lambda: self.lines(out) == ["sat main 2 4", "rec main 1 4"], message="on_recovery")
         second = self.hold(proxy, upstream)                                    # saturated again, too soon
         self.assertLess(time.monotonic() - fired_at, 0.6, "test too slow to tell")
         with proxy.lock:
-            self.assertEqual((pool.saturated, pool.saturation_hook_at), (False, fired_at))
+            self.assertEqual((pool.state.saturated, pool.state.saturation_hook_at), (False, fired_at))
         second.close()
         self.wait_pool_active(proxy, pool, 1)
         wait_until(lambda: time.monotonic() - fired_at >= 0.6, message="saturation_interval to pass")
@@ -1775,7 +1818,7 @@ class PoolHookTest(PoolCase):
         self.assertIdle(proxy)
         wait_until(lambda: self.lines(out)[:1] == ["sat 1"], message="on_saturation")
         with proxy.lock:
-            saturated = proxy.upstreams.pools["main"].saturated
+            saturated = proxy.upstreams.pools["main"].state.saturated
         self.assertFalse(saturated, "pool still flagged saturated with no session left")
         wait_until(lambda: self.lines(out) == ["sat 1", "rec 0"], timeout=2, message="on_recovery")
 
