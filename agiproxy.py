@@ -1035,6 +1035,26 @@ class Upstreams(object):
         return route, pool, pool.order(header.variables, client_host), path, query
 
 
+def forwarded_header(header, request, route, pool, server, path, query, forwarded_for=None):
+    """The header to send *server*: the client's bytes unchanged, unless the route
+    rewrites the path/query (agi_request and agi_network_script change), rewrite_host
+    applies (agi_request names the server) or *forwarded_for* (the client's
+    ``ip:port``) is to be added to agi_x_fwd_for."""
+    replace, drop, append = {}, (), ()
+    rewrite_host = route.rewrite_host if route.rewrite_host is not None else pool.settings.rewrite_host
+    rewritten = (path, query) != (request.path, request.query)
+    if rewritten or rewrite_host:
+        upstream = request._replace(path=path, query=query)
+        replace["agi_request"] = upstream.url(format_address(server.host, server.port) if rewrite_host else None)
+        if rewritten:
+            replace["agi_network_script"] = upstream.script
+    if forwarded_for:
+        chain = header.get("agi_x_fwd_for")
+        drop = ("agi_x_fwd_for",)
+        append = [("agi_x_fwd_for", chain + ", " + forwarded_for if chain else forwarded_for)]
+    return header.encode(replace, drop, append)
+
+
 ###############################################################################
 # Sockets and TLS #############################################################
 ###############################################################################
@@ -1214,6 +1234,7 @@ def check_server(member, settings):
             line, _ = read_line(sock, deadline)
             if not line:
                 return "closed without sending a command"
+            sock.sendall(b"HANGUP\n")     # as Asterisk would: the server sees a hangup, not a broken pipe
         return None
     except (OSError, ValueError) as exc:
         return describe_error(exc)
@@ -1475,22 +1496,9 @@ class Session(object):
             return self.upstream_header(request, header, path, query)
 
     def upstream_header(self, request, header, path, query):
-        """The header to forward: unchanged, unless rewrite, rewrite_host or forwarded_for apply."""
-        replace, drop, append = {}, (), ()
-        rewrite_host = self.route.rewrite_host
-        if rewrite_host is None:
-            rewrite_host = self.pool.settings.rewrite_host
-        if (path, query) != (request.path, request.query) or rewrite_host:
-            upstream = request._replace(path=path, query=query)
-            authority = format_address(self.member.state.host, self.member.state.port) if rewrite_host else None
-            replace["agi_request"] = upstream.url(authority)
-            if (path, query) != (request.path, request.query):
-                replace["agi_network_script"] = upstream.script
-        if self.settings.forwarded_for:
-            chain = header.get("agi_x_fwd_for")
-            drop = ("agi_x_fwd_for",)
-            append = [("agi_x_fwd_for", chain + ", " + self.client_name if chain else self.client_name)]
-        return header.encode(replace, drop, append)
+        """The header to forward to the connected server."""
+        return forwarded_header(header, request, self.route, self.pool, self.member.state, path, query,
+                                self.client_name if self.settings.forwarded_for else None)
 
     # -- the failure path --------------------------------------------------
 
@@ -1816,7 +1824,6 @@ class AgiListener(socketserver.ThreadingMixIn, socketserver.TCPServer):
     """A listening address.  Connections go to the proxy's warm workers, not new threads."""
 
     allow_reuse_address = True
-    daemon_threads = True
 
     def __init__(self, proxy, address, tls, backlog):
         self.proxy = proxy
@@ -2076,8 +2083,11 @@ class Proxy(object):
             return False
         removed = [l for key, l in self.listeners.items() if key not in listeners]
         added = [l for key, l in listeners.items() if key not in self.listeners]
-        if config.settings.stats_listen != self.settings.stats_listen:
-            log.warning("stats_listen changed: restart agiproxy to apply it")
+        needs_restart = [key for key in ("stats_listen", "spare_threads", "backlog")
+                         if getattr(config.settings, key) != getattr(self.settings, key)]
+        if needs_restart:
+            log.warning("%s changed: restart agiproxy to apply (backlog applies to new listeners now)",
+                        ", ".join(needs_restart))
         with self.lock:
             self.config, self.settings, self.upstreams = config, config.settings, upstreams
             self.server_context = server_context
@@ -2290,7 +2300,7 @@ class Proxy(object):
         """The SIGUSR1 status dump."""
         with self.lock:
             stats = self.stats
-            lines = ["status: %d sessions live (%d relaying), %d relayed, %d connections; failures: %s; "
+            lines = ["status: %d sessions live (%d holding a server slot), %d relayed, %d connections; failures: %s; "
                      "reloads %d" % (len(self.sessions), self.active, stats.sessions, stats.connections,
                                      ", ".join("%s=%d" % kv for kv in sorted(stats.failures.items())) or "none",
                                      stats.reloads)]
@@ -2319,7 +2329,8 @@ class Proxy(object):
         with self.lock:
             stats = self.stats
             members = [(pool, m) for pool in self.upstreams.pools.values() for m in pool.members]
-            metric("sessions_active", "gauge", "Sessions relaying to a server.", [((), self.active)])
+            metric("sessions_active", "gauge", "Sessions holding a server slot (connecting or relaying).",
+                   [((), self.active)])
             metric("sessions_total", "counter", "Sessions relayed and ended.", [((), stats.sessions)])
             metric("connections_total", "counter", "Client connections accepted.", [((), stats.connections)])
             metric("failures_total", "counter", "Sessions not relayed, by reason.",
@@ -2402,12 +2413,13 @@ def setup_logging(settings, daemon=False):
     current = log.handlers[0] if len(log.handlers) == 1 else None
     if current is not None and getattr(current, "agiproxy_target", None) == target:
         if isinstance(current, logging.FileHandler):
+            stream = current._open()      # first: if it fails, the old file goes on
             current.acquire()
             try:
-                current.stream.close()
-                current.stream = current._open()
+                current.stream, old = stream, current.stream
             finally:
                 current.release()
+            old.close()
         return
     if target == "stderr":
         handler = logging.StreamHandler(sys.stderr)
@@ -2505,8 +2517,9 @@ def _ignore_signal(signum, frame):
     """The work is done by the main loop, woken through signal.set_wakeup_fd()."""
 
 
-def run_until_stopped(proxy, config_path):
-    """The main loop: HUP reloads, USR1 dumps status, TERM/INT drain, a second TERM/INT exits."""
+def catch_signals(proxy):
+    """Route HUP, TERM, INT and USR1 to the main loop; return the descriptor it waits on.
+    Done before the proxy says it is ready, so an early reload cannot kill it."""
     wake_read, wake_write = os.pipe()
     for fd in (wake_read, wake_write):
         os.set_blocking(fd, False)
@@ -2514,6 +2527,11 @@ def run_until_stopped(proxy, config_path):
     signal.set_wakeup_fd(wake_write)
     for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(signum, _ignore_signal)
+    return wake_read
+
+
+def run_until_stopped(proxy, config_path, wake_read):
+    """The main loop: HUP reloads, USR1 dumps status, TERM/INT drain, a second TERM/INT exits."""
     deadline = None
     with Selector() as selector:
         selector.register(wake_read, READ)
@@ -2531,7 +2549,11 @@ def run_until_stopped(proxy, config_path):
                         continue
                     sd_notify("RELOADING=1")
                     proxy.reload(config_path)
-                    setup_logging(proxy.settings, daemon=proxy.daemon)    # reopens the file for logrotate
+                    try:
+                        setup_logging(proxy.settings, daemon=proxy.daemon)    # reopens the file for logrotate
+                    except OSError as exc:
+                        log.error("cannot open the log %s: %s; logging as before", proxy.settings.log,
+                                  describe_error(exc))
                     sd_notify("READY=1")
                 elif signum == signal.SIGUSR1:
                     for line in proxy.status_lines():
@@ -2638,13 +2660,11 @@ def explain(config, url, variables=None, out=sys.stdout):
         out.write("server %d: %s%s%s%s\n" % (number, member.name, " weight=%d" % member.weight,
                                             " max=%d" % member.max if member.max else "",
                                             " backup" if member.backup else ""))
-    rewrite_host = route.rewrite_host if route.rewrite_host is not None else pool.settings.rewrite_host
-    first = order[0].state
-    upstream = request._replace(path=path, query=query)
-    out.write("upstream: agi_request: %s\n" % upstream.url(format_address(first.host, first.port)
-                                                          if rewrite_host else None))
-    if upstream.script:
-        out.write("          agi_network_script: %s\n" % upstream.script)
+    sent = AgiHeader.parse(forwarded_header(header, request, route, pool, order[0].state, path, query,
+                                            "127.0.0.1:0" if config.settings.forwarded_for else None))
+    for number, name in enumerate(("agi_request", "agi_network_script", "agi_x_fwd_for")):
+        if name in sent.variables:
+            out.write("%s%s: %s\n" % ("upstream: " if not number else " " * 10, name, sent.get(name)))
     return 0
 
 
@@ -2695,8 +2715,8 @@ def main(argv=None):
         try:
             return probe(args.probe, args.arg or (), parse_variables(args.var), args.tls, args.ca, args.insecure,
                          args.reply, args.timeout)
-        except ValueError as exc:
-            sys.stderr.write("agiproxy: %s\n" % exc)
+        except (ValueError, OSError) as exc:      # a bad URL, an unreadable --ca
+            sys.stderr.write("agiproxy: %s\n" % describe_error(exc))
             return 2
     try:
         config = load_config(args.config)
@@ -2710,7 +2730,7 @@ def main(argv=None):
     if args.test:
         try:
             return explain(config, args.test, parse_variables(args.var))
-        except ValueError as exc:
+        except (ValueError, HeaderError) as exc:
             sys.stderr.write("agiproxy: %s\n" % exc)
             return 2
     return serve(config, args)
@@ -2718,7 +2738,11 @@ def main(argv=None):
 
 def serve(config, args):
     """Run the proxy until a stop signal; return the exit status."""
-    setup_logging(config.settings)
+    try:
+        setup_logging(config.settings)
+    except OSError as exc:
+        sys.stderr.write("agiproxy: %s: log = %s: %s\n" % (args.config, config.settings.log, describe_error(exc)))
+        return 2
     threading.stack_size(THREAD_STACK_SIZE)
     files = raise_open_file_limit()
     proxy = Proxy(config)
@@ -2746,12 +2770,13 @@ def serve(config, args):
         return 1
     log.info("agiproxy %s on Python %s: %d routes, %d pools; open-file limit %d allows about %d sessions",
              __version__, sys.version.split()[0], len(config.routes), len(config.pools), files, (files - 64) // 2)
+    wake_read = catch_signals(proxy)
     proxy.serve()
     sd_notify("READY=1")
     if report:
         report(0)
     try:
-        run_until_stopped(proxy, args.config)
+        run_until_stopped(proxy, args.config, wake_read)
     finally:
         proxy.shutdown()
         if args.pidfile:

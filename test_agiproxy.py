@@ -3397,7 +3397,7 @@ class ReloadTest(ProgramCase):
         self.signal(signal.SIGUSR1)
         self.wait_log("status: ")
         text = self.log_text()
-        self.assertRegex(text, r"status: 0 sessions live \(0 relaying\), 2 relayed, 2 connections; "
+        self.assertRegex(text, r"status: 0 sessions live \(0 holding a server slot\), 2 relayed, 2 connections; "
                                r"failures: none; reloads 0")
         self.assertIn("pool main (failover): 0 active, 2 sessions", text)
         self.assertIn("server 127.0.0.1:%d: up, 0/7 active, 2 sessions, 0 connect failures" % upstream.port, text)
