@@ -33,6 +33,7 @@ test:
 	  AGIPROXY_SOAK=$$soak "$$py" test_agiproxy.py 2>&1 | tee $$log | tail -n 4; \
 	  line=$$(grep -E '^[0-9]+ passed, [0-9]+ failed' $$log | tail -n 1); \
 	  [ -n "$$line" ] || { echo "$$py: the suite did not finish"; grep -E 'Error|error' $$log | tail -n 5; line="0 passed, 1 failed"; }; \
+	  case "$$line" in *" 0 failed"*) ;; *) grep -E -A25 '^(FAIL|ERROR):' $$log | head -n 200;; esac; \
 	  passed=$$((passed + $$(echo "$$line" | cut -d' ' -f1))); failed=$$((failed + $$(echo "$$line" | cut -d' ' -f3))); \
 	done; \
 	echo "make test: $(words $(PYTHONS)) interpreters"; \

@@ -1600,9 +1600,12 @@ class Relay(object):
         self.live = 0           # sessions relaying now
         self.sequence = itertools.count()
         self.stopping = False
-        self.thread = threading.Thread(target=self.run, name="relay", daemon=True)
+        self.thread = None
 
     def start(self):
+        # made here, not in __init__: --daemon forks in between, and Python 3.13
+        # refuses to start a Thread object created before a fork
+        self.thread = threading.Thread(target=self.run, name="relay", daemon=True)
         self.thread.start()
 
     def stop(self):
@@ -1610,7 +1613,8 @@ class Relay(object):
         with self.lock:
             self.stopping = True
         self._wake()
-        self.thread.join(FLUSH_TIMEOUT + 5)
+        if self.thread is not None:
+            self.thread.join(FLUSH_TIMEOUT + 5)
 
     def add(self, session):
         """Take over a connected session (called from its worker thread)."""
