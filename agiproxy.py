@@ -1393,16 +1393,10 @@ class Session(object):
                 tls_handshake(self.client, deadline)
             header, leftover = self.read_header(deadline)
         except (HeaderError, OSError, ValueError) as exc:
-            self.end = "bad header"
-            self.proxy.count_failure("BADHEADER")
-            log.warning("%s: %s; closing", self.client_name, describe_header_error(exc))
-            return False
+            return self.bad_header(describe_header_error(exc))
         url = header.get("agi_request")
         if url is None:
-            self.end = "bad header"
-            self.proxy.count_failure("BADHEADER")
-            log.warning("%s: header of %d lines without agi_request; closing", self.client_name, len(header))
-            return False
+            return self.bad_header("header of %d lines without agi_request" % len(header))
         self.request_url = url
         try:
             request = parse_request(url)
@@ -1416,6 +1410,13 @@ class Session(object):
         self.proxy.relay.add(self)
         return True
 
+    def bad_header(self, why):
+        """Not a FastAGI header: count it, say why, and let the session close (returns False)."""
+        self.end = "bad header"
+        self.proxy.count_failure("BADHEADER")
+        log.warning("%s: %s; closing", self.client_name, why)
+        return False
+
     def read_header(self, deadline):
         """Read the client's header by *deadline*; return ``(AgiHeader, bytes after it)``."""
         settings = self.settings
@@ -1423,16 +1424,17 @@ class Session(object):
         buffer = b""
         while True:
             end = header_end(buffer)
+            size = end if end >= 0 else len(buffer)          # the header's bytes so far
+            if size > settings.max_header_bytes:
+                raise HeaderError("header larger than max_header_bytes = %d" % settings.max_header_bytes)
+            if buffer.count(b"\n", 0, size) - (end >= 0) > settings.max_header_lines:   # not the blank line
+                raise HeaderError("more than max_header_lines = %d lines" % settings.max_header_lines)
             if end >= 0:
                 break
             if buffer[:1] == b"\x16":
                 raise HeaderError("TLS handshake on a plain listener")
             if b"\x00" in buffer:
                 raise HeaderError("NUL byte in header")
-            if len(buffer) > settings.max_header_bytes:
-                raise HeaderError("header larger than max_header_bytes = %d" % settings.max_header_bytes)
-            if buffer.count(b"\n") > settings.max_header_lines:
-                raise HeaderError("more than max_header_lines = %d lines" % settings.max_header_lines)
             if b"\n" in buffer:
                 AgiHeader.parse(buffer[:buffer.index(b"\n") + 1] + b"\n")   # reject garbage early
             try:
@@ -1451,12 +1453,7 @@ class Session(object):
         pending = getattr(self.client, "pending", None)
         while pending and pending():       # TLS: decrypted bytes after the header would wait for more
             buffer += self.client.recv(8192)
-        if end > settings.max_header_bytes:
-            raise HeaderError("header larger than max_header_bytes = %d" % settings.max_header_bytes)
-        header = AgiHeader.parse(buffer[:end])
-        if len(header) > settings.max_header_lines:
-            raise HeaderError("more than max_header_lines = %d lines" % settings.max_header_lines)
-        return header, buffer[end:]
+        return AgiHeader.parse(buffer[:end]), buffer[end:]
 
     def connect(self, request, header):
         """Pick a route and connect to a server; return the header to send it, or None after failing."""
