@@ -152,7 +152,39 @@ class UConn(object):
         self.k = 0
 
 
-class Upstream(object):
+class Worker(object):
+    """The event loop both worker processes run: the driver's commands on stdin,
+    socket events, and a sweep of deadlines every 0.25 s, for at most max_life.
+    Subclasses provide command(), on_event() and sweep(), and may refine
+    next_timeout() and progress()."""
+
+    def next_timeout(self):
+        return 0.25
+
+    def progress(self):
+        """Work due after each batch of events (none by default)."""
+
+    def loop(self, max_life):
+        t_end = time.monotonic() + max_life
+        next_sweep = time.monotonic() + 0.25
+        emit({"ready": True, "pid": os.getpid(), "nofile": raise_nofile()})
+        while time.monotonic() < t_end:
+            for key, mask in self.sel.select(self.next_timeout()):
+                if key.data is None:
+                    for m in self.ctl.read():
+                        if not self.command(m):
+                            return
+                    if self.ctl.eof:
+                        return
+                else:
+                    self.on_event(key.data, mask)
+            self.progress()
+            if time.monotonic() >= next_sweep:
+                self.sweep()
+                next_sweep = time.monotonic() + 0.25
+
+
+class Upstream(Worker):
     def __init__(self, port, ports, k, session_timeout, idle_timeout):
         self.sel = selectors.DefaultSelector()
         self.ctl = Control(self.sel)
@@ -304,26 +336,11 @@ class Upstream(object):
             emit({"error": "unknown command %r" % cmd})
         return True
 
-    def loop(self, max_life):
-        t_end = time.monotonic() + max_life
-        next_sweep = time.monotonic() + 0.25
-        emit({"ready": True, "pid": os.getpid(), "nofile": raise_nofile()})
-        while time.monotonic() < t_end:
-            for key, _mask in self.sel.select(0.25):
-                d = key.data
-                if d is None:
-                    for m in self.ctl.read():
-                        if not self.command(m):
-                            return
-                    if self.ctl.eof:
-                        return
-                elif d == "listen":
-                    self.accept()
-                else:
-                    self.on_read(d)
-            if time.monotonic() >= next_sweep:
-                self.sweep()
-                next_sweep = time.monotonic() + 0.25
+    def on_event(self, data, mask):
+        if data == "listen":
+            self.accept()
+        else:
+            self.on_read(data)
 
 
 # ------------------------------------------------------------------ client
@@ -339,7 +356,7 @@ class CSess(object):
         self.idle = False
 
 
-class Client(object):
+class Client(Worker):
     def __init__(self, wid):
         self.sel = selectors.DefaultSelector()
         self.ctl = Control(self.sel)
@@ -353,6 +370,7 @@ class Client(object):
         self.idle_failed = 0
         self.idle_pending = 0  # idle sessions still to start
         self.restart_at = []
+        self.releasing = False
 
     # -- session lifecycle
     def start(self, port, idle=False):
@@ -464,7 +482,7 @@ class Client(object):
             self.finish(s, "timeout_idle" if s.idle else ("timeout_connect" if s.state == 0 else "timeout"))
 
     # -- jobs
-    def begin(self, m):
+    def command(self, m):
         cmd = m["cmd"]
         self.k = int(m.get("k", getattr(self, "k", 5)))
         self.timeout = float(m.get("timeout", 10.0))
@@ -575,28 +593,11 @@ class Client(object):
               "started": self.seq})
         self.job = None
 
-    def loop(self, max_life):
-        t_end = time.monotonic() + max_life
-        next_sweep = time.monotonic() + 0.25
-        self.releasing = False
-        emit({"ready": True, "pid": os.getpid(), "nofile": raise_nofile()})
-        while time.monotonic() < t_end:
-            for key, mask in self.sel.select(self.next_timeout()):
-                s = key.data
-                if s is None:
-                    for m in self.ctl.read():
-                        if not self.begin(m):
-                            return
-                    if self.ctl.eof:
-                        return
-                elif mask & EV_W:
-                    self.on_write(s)
-                else:
-                    self.on_read(s)
-            self.progress()
-            if time.monotonic() >= next_sweep:
-                self.sweep()
-                next_sweep = time.monotonic() + 0.25
+    def on_event(self, s, mask):
+        if mask & EV_W:
+            self.on_write(s)
+        else:
+            self.on_read(s)
 
 
 def main(argv):
