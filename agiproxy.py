@@ -44,6 +44,7 @@ import signal
 import socket
 import socketserver
 import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -62,17 +63,51 @@ DEFAULT_PORT = 4573
 
 #: Bytes read per recv() while relaying; AGI lines are short, 520 usage blocks a few KiB.
 RELAY_CHUNK = 16384
-#: Bytes buffered toward one side before we stop reading from the other.
-RELAY_BUFFER_LIMIT = 1 << 20
-#: Time allowed to flush what is in flight once one side has closed.
-FLUSH_TIMEOUT = 2.0
+#: Bytes buffered toward one side before we stop reading from the other: a
+#: sender the other side does not read from pins no more than this.
+RELAY_BUFFER_LIMIT = 64 * 1024
+#: Time a socket we are done with is read for its EOF before it is closed (see Link.linger).
+LINGER_TIMEOUT = 0.5
 #: Time the failure path waits for Asterisk's reply to SET VARIABLE.
 FAILURE_REPLY_TIMEOUT = 2.0
+#: After the application's FIN with a command in flight and Asterisk's answer
+#: relayed to it: first look at whether it reset, and how long to keep looking.
+FIN_PROBE_STEP = 0.001
+FIN_PROBE_LIMIT = 1.0
+#: A closing listener keeps accepting this long, so that handshakes under way
+#: when it stopped taking new ones are served rather than reset.
+DRAIN_ACCEPT_GRACE = 0.1
+#: Connections accepted in one go before the relay looks at its sessions again.
+ACCEPT_BATCH = 16
+#: Fewer concurrent sessions than this allowed by the open-file limit is worth a warning at start.
+SESSIONS_FLOOR = 100
+#: Log records waiting for the log writer; past this they are dropped and counted.
+LOG_QUEUE_SIZE = 10000
+#: Untrusted text (request URLs, header values) is cut to this many characters in the log.
+LOG_TEXT_LIMIT = 512
 #: Stack size of worker threads: they only read a header and connect, and the
 #: default 8 MiB each adds up during a burst of calls.
 THREAD_STACK_SIZE = 512 * 1024
 #: Buckets of the session duration histogram, in seconds.
 DURATION_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
+
+#: How a session ended.  The first six are failures the dialplan reads in
+#: AGIPROXY_STATUS (then AGISTATUS=FAILURE); all show in the access log and /metrics.
+NOROUTE = "NOROUTE"             # no route matched the request
+NOUPSTREAM = "NOUPSTREAM"       # no server could be reached within connect_budget
+BUSY = "BUSY"                   # every server at max=, or max_sessions reached
+BADREQUEST = "BADREQUEST"       # agi_request is not an agi:// or hagi:// URL
+OVERLOADED = "OVERLOADED"       # agiproxy itself is short of descriptors or memory
+UPSTREAMLOST = "UPSTREAMLOST"   # the application went away in the middle of the call
+TIMEOUT = "TIMEOUT"             # idle_timeout or max_session_time cut the session
+BADHEADER = "BADHEADER"         # not a FastAGI header: closed without a word
+COMPLETED = "COMPLETED"         # the application or Asterisk ended the session
+CLIENTLOST = "CLIENTLOST"       # Asterisk's side reset
+ABORTED = "ABORTED"             # cut by drain_timeout, a second stop signal or a shutdown
+INTERNAL = "INTERNAL"           # a bug, logged with its traceback
+DENIED = "DENIED"               # refused by allow/deny before a byte was read
+#: How a server ended a session it ended first (passive health).
+FIN, RESET = "fin", "reset"
 
 log = logging.getLogger("agiproxy")
 
@@ -237,6 +272,11 @@ GLOBAL_OPTIONS = collections.OrderedDict([
     ("connect_timeout", (parse_duration, "2")),
     ("connect_budget", (parse_duration, "4")),
     ("idle_timeout", (parse_duration, "0")),
+    ("fin_timeout", (parse_duration, "5")),
+    ("tcp_keepalive_idle", (parse_duration, "30")),
+    ("tcp_keepalive_interval", (parse_duration, "10")),
+    ("tcp_keepalive_count", (parse_count, "3")),
+    ("tcp_user_timeout", (parse_duration, "60")),
     ("max_session_time", (parse_duration, "0")),
     ("max_sessions", (parse_count, "0")),
     ("failure_variable", (parse_variable_name, "AGIPROXY_STATUS")),
@@ -262,6 +302,8 @@ POOL_OPTIONS = collections.OrderedDict([
     ("retry_after", (parse_duration, "1")),
     ("retry_after_max", (parse_duration, "30")),
     ("early_close_limit", (parse_count, "3")),
+    ("report_lost", (parse_boolean, "yes")),
+    ("fin_in_flight", (choice("success", "failure"), "success")),
     ("check", (choice("none", "tcp", "agi"), "none")),
     ("check_path", (text_value, "agiproxy-check")),
     ("check_interval", (parse_duration, "5")),
@@ -462,6 +504,12 @@ def _validate_global(reader, settings):
         raise reader.error("agiproxy", "header_timeout", "must be more than 0")
     if settings.connect_timeout <= 0:
         raise reader.error("agiproxy", "connect_timeout", "must be more than 0")
+    if settings.fin_timeout <= 0:
+        raise reader.error("agiproxy", "fin_timeout", "must be more than 0")
+    if settings.tcp_keepalive_idle and not (settings.tcp_keepalive_interval >= 1 and settings.tcp_keepalive_count):
+        raise reader.error("agiproxy", "tcp_keepalive_interval",
+                           "tcp_keepalive_interval must be 1s or more and tcp_keepalive_count 1 or more "
+                           "(tcp_keepalive_idle = 0 turns keepalive off)")
     if settings.connect_budget < settings.connect_timeout:
         raise reader.error("agiproxy", "connect_budget", "must be at least connect_timeout")
     if settings.max_header_lines < 4:
@@ -568,6 +616,68 @@ def header_end(buffer):
     return match.end() if match else -1
 
 
+class HeaderScanner(object):
+    """Find the end of a client's header as its bytes arrive, each byte looked at a
+    bounded number of times however it is chunked (a dripped header costs what a
+    whole one does).
+
+    feed() raises HeaderError as soon as the bytes cannot be a FastAGI header: a
+    TLS handshake on a plain listener, a NUL byte, a malformed first line, more
+    than max_header_bytes or max_header_lines.  ``done`` is True once the blank
+    line has arrived; result() then gives the header and what followed it.
+    """
+
+    def __init__(self, settings):
+        self.max_bytes, self.max_lines = settings.max_header_bytes, settings.max_header_lines
+        self.buffer = bytearray()
+        self.lines = 0          # complete lines so far, not counting the blank one
+        self.start = 0          # where the line being received starts
+        self.end = -1           # just past the blank line, once it is there
+
+    @property
+    def done(self):
+        return self.end >= 0
+
+    @property
+    def size(self):
+        return len(self.buffer)
+
+    def feed(self, chunk):
+        buffer = self.buffer
+        if self.done:           # TLS: bytes decrypted together with the header's end
+            buffer += chunk
+            return
+        if not chunk:
+            raise HeaderError("client closed after %d bytes, before the end of the header" % len(buffer)
+                              if buffer else "client closed without sending anything")
+        if not buffer and chunk[:1] == b"\x16":
+            raise HeaderError("TLS handshake on a plain listener")
+        old = len(buffer)
+        buffer += chunk
+        while self.end < 0:
+            newline = buffer.find(b"\n", self.start)
+            if newline < 0:
+                break
+            if newline == self.start or newline == self.start + 1 and buffer[self.start] == 13:
+                self.end = newline + 1                      # the blank line
+                break
+            self.lines += 1
+            if self.lines > self.max_lines:
+                raise HeaderError("more than max_header_lines = %d lines" % self.max_lines)
+            if self.lines == 1:
+                AgiHeader.parse(bytes(buffer[:newline + 1]) + b"\n")     # reject garbage early
+            self.start = newline + 1
+        size = self.end if self.done else len(buffer)
+        if size > self.max_bytes:
+            raise HeaderError("header larger than max_header_bytes = %d" % self.max_bytes)
+        if buffer.find(b"\x00", old, size) >= 0:
+            raise HeaderError("NUL byte in header")
+
+    def result(self):
+        """``(AgiHeader, bytes after it)``; raise HeaderError for a malformed header."""
+        return AgiHeader.parse(bytes(self.buffer[:self.end])), bytes(self.buffer[self.end:])
+
+
 class AgiHeader(object):
     """The FastAGI header a client sent, kept as raw lines so it can be forwarded unchanged.
 
@@ -641,11 +751,13 @@ def encode(text):
     return text.encode("utf-8", "surrogateescape")
 
 
-def printable(data):
-    """A log-safe rendering of untrusted bytes or text."""
+def printable(data, limit=LOG_TEXT_LIMIT):
+    """A log-safe rendering of untrusted bytes or text, cut to *limit* characters."""
     if isinstance(data, bytes):
         data = data.decode("utf-8", "backslashreplace")
-    return data.encode("unicode_escape").decode("ascii").replace('"', '\\"')
+    cut = len(data) - limit
+    text = data[:limit].encode("unicode_escape").decode("ascii").replace('"', '\\"')
+    return text + "...(%d more)" % cut if cut > 0 else text
 
 
 class AgiRequest(collections.namedtuple("AgiRequest", "scheme host port path query")):
@@ -862,6 +974,30 @@ class ServerState(object):
         self.up, self.trial, self.why_down, self.backoff = True, False, "", 0.0
         return was_down
 
+    def judge_session(self, spoke, header_read, upstream_end, trial, early_close_limit):
+        """Passive health from one ended session: True when it shows the server works,
+        a text when the server is to be taken out of service (why), None when it says
+        nothing (Asterisk or a timeout ended it).
+
+        A server that sent a byte works, and so does one that closed cleanly after
+        the whole header (an application that logs the call and goes: Asterisk
+        reports SUCCESS).  A reset before the server's first byte, or a close
+        before the header was sent, is a crashed application behind a live port:
+        early_close_limit of them in a row take the server out, and so does one
+        in a half-open trial."""
+        if spoke or upstream_end == FIN and header_read:
+            self.early_closes = 0
+            return True
+        if upstream_end is None:
+            return None
+        if trial:
+            return "ended the trial session without a command"
+        if early_close_limit:
+            self.early_closes += 1
+            if self.early_closes >= early_close_limit:
+                return "ended %d sessions in a row without a command" % early_close_limit
+        return None
+
 
 class Member(object):
     """One server line of one pool: the shared state plus this pool's weight, max and flags."""
@@ -972,7 +1108,7 @@ class Pool(object):
             state.trial = state.trial or trial
             state.active += 1
             return member, trial
-        return None, "BUSY" if busy else "NOUPSTREAM"
+        return None, BUSY if busy else NOUPSTREAM
 
     def saturation_change(self, now):
         """Return ``(hook, argv)`` when the pool crossed its saturation mark, else None."""
@@ -1075,12 +1211,18 @@ IGNORE_UNEXPECTED_EOF = getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF",
                                 0x80 if ssl.OPENSSL_VERSION_INFO >= (3,) else 0)
 
 
+#: TLS 1.2 renegotiation would make a read need a write (and the reverse) in the
+#: middle of a session; nothing in FastAGI needs it, so it is refused where
+#: OpenSSL can (ssl.OP_NO_RENEGOTIATION from Python 3.7; the same bit before it).
+NO_RENEGOTIATION = getattr(ssl, "OP_NO_RENEGOTIATION", 0x40000000 if ssl.OPENSSL_VERSION_INFO >= (1, 1, 0, 8) else 0)
+
+
 def _require_tls12(context):
     if hasattr(context, "minimum_version"):
         context.minimum_version = ssl.TLSVersion.TLSv1_2  # novermin (guarded: 3.7+)
     else:  # Python 3.6
         context.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
-    context.options |= IGNORE_UNEXPECTED_EOF
+    context.options |= IGNORE_UNEXPECTED_EOF | NO_RENEGOTIATION
 
 
 def make_server_context(settings):
@@ -1142,25 +1284,99 @@ def literal_family(host):
     return None
 
 
-def open_connection(host, port, timeout, tls_context=None):
+def begin_connect(host, port):
+    """Start a non-blocking connect to the IP address *host*; return the socket."""
+    sock = socket.socket(literal_family(host), socket.SOCK_STREAM)
+    sock.setblocking(False)
+    error = sock.connect_ex((host, port))
+    if error not in (0, errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
+        sock.close()
+        raise OSError(error, os.strerror(error))
+    return sock
+
+
+def tune_socket(sock, settings, upstream=False):
+    """TCP_NODELAY (AGI is one line at a time) and keepalive, so that a peer host that
+    vanished is noticed; toward an upstream also TCP_USER_TIMEOUT, for bytes it never
+    acknowledges.  Options the platform lacks are skipped."""
+    options = [(socket.IPPROTO_TCP, "TCP_NODELAY", 1)]
+    if settings.tcp_keepalive_idle:
+        options += [(socket.SOL_SOCKET, "SO_KEEPALIVE", 1),
+                    (socket.IPPROTO_TCP, "TCP_KEEPIDLE", max(1, int(settings.tcp_keepalive_idle))),
+                    (socket.IPPROTO_TCP, "TCP_KEEPINTVL", max(1, int(settings.tcp_keepalive_interval))),
+                    (socket.IPPROTO_TCP, "TCP_KEEPCNT", max(1, settings.tcp_keepalive_count))]
+    if upstream and settings.tcp_user_timeout:
+        options.append((socket.IPPROTO_TCP, "TCP_USER_TIMEOUT", int(settings.tcp_user_timeout * 1000)))
+    for level, name, value in options:
+        option = getattr(socket, name, None)
+        if option is not None:
+            try:
+                sock.setsockopt(level, option, value)
+            except OSError:
+                pass
+
+
+#: Linux's TCP_INFO, for peer_gone(); TCP_CLOSE is the state a reset leaves.
+TCP_INFO = getattr(socket, "TCP_INFO", None)
+TCP_CLOSE = 7
+#: Classic BPF for a listening socket (filters see the TCP header): drop a
+#: segment with SYN and without ACK, pass everything else.  A dropped SYN is
+#: sent again a second later and finds the port closed: refused.
+SO_ATTACH_FILTER = 26
+DROP_SYN_FILTER = [(0x30, 0, 0, 13),            # A = TCP flags
+                   (0x54, 0, 0, 0x12),          # A &= SYN|ACK
+                   (0x15, 0, 1, 0x02),          # A == SYN ?
+                   (0x06, 0, 0, 0),             #   drop
+                   (0x06, 0, 0, 0xffffffff)]    #   else keep
+
+
+def attach_filter(sock, program):
+    """Attach a classic BPF *program* (``(code, jt, jf, k)`` tuples) to *sock*; False where
+    the platform cannot (not Linux, no ctypes)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+    except ImportError:
+        return False
+    code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *op) for op in program))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER,
+                        struct.pack("HP", len(program), ctypes.addressof(code)))
+        return True
+    except OSError:
+        return False
+
+
+def refuse_new_connections(listening):
+    """Make the kernel stop completing new connections to *listening* while those it
+    has completed wait to be accepted (closing it would reset them)."""
+    return attach_filter(listening, DROP_SYN_FILTER)
+
+
+def open_connection(host, port, timeout, tls_context=None, settings=None):
     """Connect to an upstream within *timeout* seconds (TLS included); return the socket.
 
     An IP literal is connected to directly: getaddrinfo() and the IDNA codec
     cost more than the rest of the connect on loopback."""
     deadline = time.monotonic() + timeout
-    family = literal_family(host)
-    if family is None:
+    if literal_family(host) is None:
         sock = socket.create_connection((host, port), timeout)
     else:
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = begin_connect(host, port)
         try:
-            sock.settimeout(timeout)
-            sock.connect((host, port))
+            wait_for(sock, WRITE, timeout)
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                raise OSError(error, os.strerror(error))
         except BaseException:
             sock.close()
             raise
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if settings is not None:
+            tune_socket(sock, settings, upstream=True)
+        else:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if tls_context is not None:
             sock = tls_context.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
             tls_handshake(sock, deadline)
@@ -1322,121 +1538,155 @@ class HookRunner(object):
 
 
 ###############################################################################
-# The session: header -> route -> connect -> relay ############################
+# The session: its record and the steps that open it ##########################
 ###############################################################################
 
 
 class Session(object):
-    """One FastAGI session, from the accepted socket to the access-log line.
+    """One FastAGI session, from the accepted connection to its access-log line.
 
-    run(), in a worker thread, reads the header, asks the proxy for a route
-    and a server slot and connects; then it hands both sockets to the Relay,
-    which copies bytes until one side closes.  When no server can be had it
-    plays the failure path instead: ``SET VARIABLE <failure_variable>
-    <REASON>`` then ``FAILURE``, so Asterisk sets ``AGISTATUS=FAILURE`` and
-    the dialplan can read why.
+    It is the record of who called, what was asked, which server took it and
+    how it ended, and it holds the steps that open it: take the header,
+    choose a route, reserve a server, connect.  The steps are the same
+    wherever they run: inline in the relay thread when nothing has to wait
+    (a plain client whose header has arrived, an upstream that is an IP
+    address), else in a worker thread (open_blocking()): a TLS handshake, a
+    header still arriving, a host name to resolve, a TLS upstream.
     """
 
-    def __init__(self, proxy, sock, client_address, tls_context=None):
+    def __init__(self, proxy, sock, client_address, listener):
         self.proxy = proxy
         self.settings = proxy.settings
         self.client = sock
+        self.client_address = client_address
         self.client_name = format_address(client_address[0], client_address[1])
         self.client_host = client_address[0]
-        self.tls_context = tls_context
+        self.listener = listener
+        self.tls_context = proxy.server_context if listener.tls else None
+        self.scanner = HeaderScanner(self.settings)
         self.upstream = None
-        self.member = None
-        self.pool = None
-        self.route = None
         self.request_url = "-"
+        self.header = self.request = None
+        self.leftover = b""         # what the client sent after its header
+        self.route = self.pool = self.member = None
+        self.order, self.tried = [], []
+        self.path = self.query = None
+        self.trial = False          # a half-open try: the server's first byte brings it back
         self.started = time.monotonic()
+        self.budget_deadline = 0.0  # connect_budget: when trying servers ends
+        self.attempt_timeout = 0.0  # the time the current connect may take
+        self.connect_deadline = 0.0
         self.bytes_up = self.bytes_down = 0
-        self.end = "error"
+        self.header_read = False    # the server read the whole header before its FIN
+        self.upstream_end = None    # FIN or RESET when the server ended the session first
+        self.end, self.detail = None, ""
         self.abort_reason = None
-        self.trial = False      # a half-open try: the server's first byte brings it back
         self.closed = False
-        # Relay state, set by start_relay(): per socket, its peer, the bytes
-        # waiting to be written to it, and the events the selector watches.
-        self.peer = self.outbox = self.interest = None
-        self.closing = None     # the socket being flushed before the session ends
-        self.closing_since = 0.0
-        self.last = self.started
 
-    # -- driving -----------------------------------------------------------
+    # -- the steps ---------------------------------------------------------
 
-    def run(self):
-        self.proxy.session_started(self)
-        try:
-            if self._serve():
-                return          # the relay has the session now
-        except Exception:
-            log.exception("%s: internal error", self.client_name)
-        self.close()
-
-    def close(self):
-        """Close both sockets and account for the session, once."""
-        if not self.closed:
-            self.closed = True
-            close_quietly(self.upstream)
-            close_quietly(self.client)
-            self.proxy.session_ended(self)
-
-    def _serve(self):
-        """Header, route, connect; return True once the session is handed to the relay."""
-        settings = self.settings
-        deadline = self.started + settings.header_timeout
-        self.client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            if self.tls_context is not None:
-                self.client = self.tls_context.wrap_socket(self.client, server_side=True,
-                                                           do_handshake_on_connect=False)
-                tls_handshake(self.client, deadline)
-            header, leftover = self.read_header(deadline)
-        except (HeaderError, OSError, ValueError) as exc:
-            return self.bad_header(describe_header_error(exc))
+    def take_header(self):
+        """Choose the route for the complete header; return a failure ``(reason, detail)`` or None."""
+        header = self.header
         url = header.get("agi_request")
         if url is None:
-            return self.bad_header("header of %d lines without agi_request" % len(header))
+            return BADHEADER, "header of %d lines without agi_request" % len(header)
         self.request_url = url
         try:
-            request = parse_request(url)
+            self.request = parse_request(url)
         except ValueError as exc:
-            self.fail("BADREQUEST", str(exc))
-            return False
-        upstream_header = self.connect(request, header)
-        if upstream_header is None:
-            return False
-        self.start_relay(upstream_header + leftover)
-        self.proxy.relay.add(self)
-        return True
+            return BADREQUEST, str(exc)
+        self.route, self.pool, self.order, self.path, self.query = \
+            self.proxy.decide(self.request, header, self.client_host)
+        if self.route is None:
+            return NOROUTE, "no route for %s" % printable(url)
+        self.budget_deadline = time.monotonic() + self.settings.connect_budget
+        return None
 
-    def bad_header(self, why):
-        """Not a FastAGI header: count it, say why, and let the session close (returns False)."""
-        self.end = "bad header"
-        self.proxy.count_failure("BADHEADER")
-        log.warning("%s: %s; closing", self.client_name, why)
-        return False
+    def reserve(self):
+        """Reserve a slot on the next server to try; return a failure ``(reason, detail)`` or None."""
+        member, trial = self.proxy.reserve(self.pool, self.order, self.tried)
+        if member is None:
+            why = "no server could take the session" if self.tried else \
+                ("every server is busy" if trial == BUSY else "every server is down")
+            return trial, "pool %s: %s" % (self.pool.name, why)
+        self.tried.append(member)
+        self.member, self.trial = member, trial       # ours now: the session's end gives it back
+        now = time.monotonic()
+        self.attempt_timeout = min(self.settings.connect_timeout, self.budget_deadline - now)
+        self.connect_deadline = now + self.attempt_timeout
+        return None
 
-    def read_header(self, deadline):
-        """Read the client's header by *deadline*; return ``(AgiHeader, bytes after it)``."""
-        settings = self.settings
-        self.client.setblocking(False)
-        buffer = b""
+    def connects_inline(self):
+        """True when the reserved server can be connected to without blocking: plain TCP to an IP address."""
+        return self.member.tls_context is None and literal_family(self.member.state.host) is not None
+
+    def connect_failed(self, exc):
+        """The connect to the reserved server failed; give the slot back.  Return a failure, or None to try the next."""
+        member, pool, settings, trial = self.member, self.pool, self.settings, self.trial
+        self.member, self.trial = None, False
+        shortage = getattr(exc, "errno", None) in LOCAL_SHORTAGE
+        # neither a connect cut short by the budget nor our own shortage says anything against the server
+        judged = not shortage and not (isinstance(exc, socket.timeout) and
+                                       self.attempt_timeout < settings.connect_timeout)
+        self.proxy.connect_failed(pool, member, describe_error(exc), trial, judged)
+        if shortage:
+            return OVERLOADED, "cannot connect to %s: %s (agiproxy is short of it, not the server)" % (
+                member.name, describe_error(exc))
+        if time.monotonic() >= self.budget_deadline:
+            return NOUPSTREAM, "pool %s: connect_budget = %gs spent" % (pool.name, settings.connect_budget)
+        return None
+
+    def forwarded(self):
+        """The header to send the reserved server, and what the client sent after it."""
+        return forwarded_header(self.header, self.request, self.route, self.pool, self.member.state,
+                                self.path, self.query,
+                                self.client_name if self.settings.forwarded_for else None) + self.leftover
+
+    # -- the waiting path --------------------------------------------------
+
+    def open_blocking(self):
+        """In a worker thread: finish opening the session, then hand it to the relay."""
+        try:
+            failure = self._open_blocking()
+        except Exception:
+            log.exception("%s: internal error", self.client_name)
+            failure = INTERNAL, "internal error"
+        self.proxy.relay.add(self, failure)
+
+    def _open_blocking(self):
+        if self.header is None:
+            try:
+                self._read_header(self.started + self.settings.header_timeout)
+            except (HeaderError, OSError, ValueError) as exc:
+                return BADHEADER, describe_header_error(exc)
+            failure = self.take_header()
+            if failure:
+                return failure
         while True:
-            end = header_end(buffer)
-            size = end if end >= 0 else len(buffer)          # the header's bytes so far
-            if size > settings.max_header_bytes:
-                raise HeaderError("header larger than max_header_bytes = %d" % settings.max_header_bytes)
-            if buffer.count(b"\n", 0, size) - (end >= 0) > settings.max_header_lines:   # not the blank line
-                raise HeaderError("more than max_header_lines = %d lines" % settings.max_header_lines)
-            if end >= 0:
-                break
-            if buffer[:1] == b"\x16":
-                raise HeaderError("TLS handshake on a plain listener")
-            if b"\x00" in buffer:
-                raise HeaderError("NUL byte in header")
-            if b"\n" in buffer:
-                AgiHeader.parse(buffer[:buffer.index(b"\n") + 1] + b"\n")   # reject garbage early
+            if self.member is None:
+                failure = self.reserve()
+                if failure:
+                    return failure
+            state = self.member.state
+            try:
+                if self.attempt_timeout <= 0:
+                    raise socket.timeout("connect_budget spent")
+                self.upstream = open_connection(state.host, state.port, self.attempt_timeout,
+                                                self.member.tls_context, self.settings)
+                return None
+            except (OSError, ValueError) as exc:
+                failure = self.connect_failed(exc)
+                if failure:
+                    return failure
+
+    def _read_header(self, deadline):
+        """Read the rest of the header by *deadline* (after a TLS handshake on a TLS listener)."""
+        if self.tls_context is not None:
+            self.client = self.tls_context.wrap_socket(self.client, server_side=True,
+                                                       do_handshake_on_connect=False)
+            tls_handshake(self.client, deadline)
+        while not self.scanner.done:
             try:
                 chunk = self.client.recv(8192)
             except WOULD_BLOCK:     # nothing yet: wait for it, within the header's deadline
@@ -1444,106 +1694,15 @@ class Session(object):
                     wait_for(self.client, READ, deadline - time.monotonic())
                 except socket.timeout:
                     raise HeaderError("header incomplete after header_timeout = %gs (%d bytes)"
-                                      % (settings.header_timeout, len(buffer)))
+                                      % (self.settings.header_timeout, self.scanner.size))
                 continue
-            if not chunk:
-                raise HeaderError("client closed after %d bytes, before the end of the header" % len(buffer)
-                                  if buffer else "client closed without sending anything")
-            buffer += chunk
+            self.scanner.feed(chunk)
         pending = getattr(self.client, "pending", None)
         while pending and pending():       # TLS: decrypted bytes after the header would wait for more
-            buffer += self.client.recv(8192)
-        return AgiHeader.parse(buffer[:end]), buffer[end:]
+            self.scanner.feed(self.client.recv(8192))
+        self.header, self.leftover = self.scanner.result()
 
-    def connect(self, request, header):
-        """Pick a route and connect to a server; return the header to send it, or None after failing."""
-        proxy, settings = self.proxy, self.settings
-        route, pool, order, path, query = proxy.decide(request, header, self.client_host)
-        self.route, self.pool = route, pool
-        if route is None:
-            return self.fail("NOROUTE", "no route for %s" % printable(self.request_url))
-        budget_deadline = time.monotonic() + settings.connect_budget
-        tried = []
-        while True:
-            member, trial = proxy.reserve(pool, order, tried)
-            if member is None:
-                reason = trial
-                why = "no server could take the session" if tried else \
-                    ("every server is busy" if reason == "BUSY" else "every server is down")
-                return self.fail(reason, "pool %s: %s" % (pool.name, why))
-            tried.append(member)
-            self.member, self.trial = member, trial      # ours now: session_ended gives it back
-            timeout = min(settings.connect_timeout, budget_deadline - time.monotonic())
-            state = member.state
-            try:
-                if timeout <= 0:
-                    raise socket.timeout("connect_budget spent")
-                self.upstream = open_connection(state.host, state.port, timeout, member.tls_context)
-            except (OSError, ValueError) as exc:
-                # neither a connect cut short by the budget nor our own lack of descriptors
-                # or memory says anything against the server
-                judged = not (isinstance(exc, socket.timeout) and timeout < settings.connect_timeout) and \
-                    getattr(exc, "errno", None) not in LOCAL_SHORTAGE
-                self.member, self.trial = None, False
-                proxy.connect_failed(pool, member, describe_error(exc), trial, judged)
-                if time.monotonic() >= budget_deadline:
-                    return self.fail("NOUPSTREAM", "pool %s: connect_budget = %gs spent"
-                                     % (pool.name, settings.connect_budget))
-                continue
-            return self.upstream_header(request, header, path, query)
-
-    def upstream_header(self, request, header, path, query):
-        """The header to forward to the connected server."""
-        return forwarded_header(header, request, self.route, self.pool, self.member.state, path, query,
-                                self.client_name if self.settings.forwarded_for else None)
-
-    # -- the failure path --------------------------------------------------
-
-    def fail(self, reason, detail):
-        """Tell Asterisk why this session cannot be served, then end it with FAILURE."""
-        self.end = reason
-        self.proxy.count_failure(reason)
-        log.warning("%s: %s %s: %s", self.client_name, reason, printable(self.request_url), detail)
-        sock = self.client
-        deadline = time.monotonic() + FAILURE_REPLY_TIMEOUT
-        try:
-            sock.settimeout(FAILURE_REPLY_TIMEOUT)
-            sock.sendall(encode("SET VARIABLE %s %s\n" % (self.settings.failure_variable, reason)))
-            rest = b""
-            while True:    # skip HANGUP lines: the reply to SET VARIABLE starts with a digit
-                line, rest = read_line(sock, deadline, rest)
-                if not line or line[:1].isdigit():
-                    break
-            sock.sendall(b"FAILURE\n")
-        except (OSError, ValueError):
-            pass   # Asterisk hung up or went away: nothing left to tell it
-
-    # -- relaying (see Relay) ---------------------------------------------
-
-    def start_relay(self, to_upstream):
-        """Set up the relay state and write what the upstream can take at once."""
-        client, upstream = self.client, self.upstream
-        self.peer = {client: upstream, upstream: client}
-        self.outbox = {client: bytearray(), upstream: bytearray(to_upstream)}
-        self.interest = {client: 0, upstream: 0}
-        self.bytes_up = len(to_upstream)          # bytes_up counts the forwarded header too
-        try:
-            del self.outbox[upstream][:upstream.send(to_upstream)]
-        except WOULD_BLOCK:
-            pass
-        except OSError:
-            pass                                  # the relay's first write will say what happened
-
-    def side(self, sock):
-        return "client" if sock is self.client else "upstream"
-
-    def deadline(self):
-        """When the relay must look at this session again: idle, length or flush limit (or None)."""
-        if self.closing is not None:
-            return self.closing_since + FLUSH_TIMEOUT
-        idle, longest = self.settings.idle_timeout, self.settings.max_session_time
-        times = ([self.last + idle] if idle else []) + ([self.started + longest] if longest else [])
-        return min(times) if times else None
+    # -- control from other threads ---------------------------------------
 
     def abort(self, reason):
         """End the session from another thread (drain timeout, second signal): the
@@ -1554,247 +1713,6 @@ class Session(object):
                 socket.socket.shutdown(sock, socket.SHUT_RDWR)
             except (OSError, TypeError):
                 pass
-
-
-class _PeerError(OSError):
-    """A write failed: *sock*, the side written to, went away (not necessarily the one read)."""
-
-    def __init__(self, sock, error):
-        OSError.__init__(self, error.errno, error.strerror or str(error))
-        self.sock = sock
-
-
-class Relay(object):
-    """The relay loop: one thread copies the bytes of every session, on one selector.
-
-    A session's worker thread reads the header and connects (work that blocks,
-    one call at a time), then hands the session over with add() and goes back
-    to the pool.  One thread for all the copying keeps Python's GIL from
-    changing hands at every AGI command: with a thread per session that cost
-    more CPU than the copying itself (310 futex calls per session, see
-    bench/), and every idle call held a thread.
-
-    Nothing here blocks.  Reads and writes are non-blocking; the client is
-    read whenever its buffer toward the upstream is under RELAY_BUFFER_LIMIT,
-    because Asterisk gives each write only 100 ms.  Bytes are never parsed:
-    HANGUP lines and 520 usage blocks pass as they are.  When one side
-    closes, what is in flight is flushed to the other as it can take it (at
-    most FLUSH_TIMEOUT), which then gets a TLS close_notify and a FIN.
-    Idle, length and flush limits sit in a heap.
-    """
-
-    def __init__(self, proxy):
-        self.proxy = proxy
-        self.selector = selectors.DefaultSelector()     # epoll: one descriptor for the whole proxy
-        self.wake_read, self.wake_write = socket.socketpair()
-        self.wake_read.setblocking(False)
-        self.wake_write.setblocking(False)
-        self.selector.register(self.wake_read, READ)
-        self.lock = threading.Lock()
-        self.incoming = []
-        self.woken = False
-        self.timers = []        # heap of (when, sequence, session)
-        self.live = 0           # sessions relaying now
-        self.sequence = itertools.count()
-        self.stopping = False
-        self.thread = None
-
-    def start(self):
-        # made here, not in __init__: --daemon forks in between, and Python 3.13
-        # refuses to start a Thread object created before a fork
-        self.thread = threading.Thread(target=self.run, name="relay", daemon=True)
-        self.thread.start()
-
-    def stop(self):
-        """End the loop; sessions still relaying are closed as "shutdown"."""
-        with self.lock:
-            self.stopping = True
-        self._wake()
-        if self.thread is not None:
-            self.thread.join(FLUSH_TIMEOUT + 5)
-
-    def add(self, session):
-        """Take over a connected session (called from its worker thread)."""
-        with self.lock:
-            if self.stopping:
-                session.end = session.abort_reason or "shutdown"
-                session.close()
-                return
-            self.incoming.append(session)
-            wake, self.woken = not self.woken, True
-        if wake:
-            self._wake()
-
-    def _wake(self):
-        try:
-            self.wake_write.send(b"\0")
-        except OSError:
-            pass    # a wake-up is already waiting (buffer full), or we are closing
-
-    def run(self):
-        try:
-            while not self.stopping:
-                try:
-                    self._turn()
-                except Exception:   # a bug must cost one session, never the loop
-                    log.exception("relay loop: internal error")
-        finally:
-            for key in list(self.selector.get_map().values()):
-                if key.data is not None and not key.data[0].closed:
-                    self._end(key.data[0], key.data[0].abort_reason or "shutdown")
-            self.selector.close()
-            self.wake_read.close()
-            self.wake_write.close()
-
-    def _turn(self):
-        timeout = max(0.0, self.timers[0][0] - time.monotonic()) if self.timers else None
-        for key, mask in self.selector.select(timeout):
-            session = key.data and key.data[0]
-            if session is None:
-                self._take_incoming()
-            elif not session.closed:
-                try:
-                    self._event(session, key.data[1], mask)
-                except Exception:
-                    log.exception("%s: relay: internal error", session.client_name)
-                    self._end(session, "error")
-        if self.timers and self.timers[0][0] <= time.monotonic():
-            self._expire()
-
-    def _take_incoming(self):
-        try:
-            while self.wake_read.recv(4096):
-                pass
-        except OSError:
-            pass
-        with self.lock:
-            incoming, self.incoming, self.woken = self.incoming, [], False
-        for session in incoming:
-            self.live += 1
-            try:
-                self._update(session)
-            except (OSError, ValueError) as exc:     # closed under us (an abort): end it here
-                self._end(session, session.abort_reason or "error (%s)" % describe_error(exc))
-                continue
-            self._schedule(session)
-
-    def _schedule(self, session):
-        when = session.deadline()
-        if when is not None:
-            heapq.heappush(self.timers, (when, next(self.sequence), session))
-
-    def _expire(self):
-        now = time.monotonic()
-        while self.timers and self.timers[0][0] <= now:
-            session = heapq.heappop(self.timers)[2]
-            if session.closed:
-                continue
-            when = session.deadline()
-            if when is not None and when > now:
-                heapq.heappush(self.timers, (when, next(self.sequence), session))
-            elif session.closing is not None:
-                self._end(session, session.end + ", flush timed out")
-            else:
-                longest = session.settings.max_session_time
-                self._end(session, "max_session_time" if longest and now - session.started >= longest
-                          else "idle timeout")
-
-    def _event(self, session, sock, mask):
-        try:
-            if mask & WRITE:
-                self._send(sock, session.outbox[sock])
-            if mask & READ and session.closing is None:
-                self._read(session, sock)
-        except (OSError, ValueError) as exc:
-            failed = exc.sock if isinstance(exc, _PeerError) else sock
-            self._end(session, session.abort_reason or "%s reset (%s)" % (session.side(failed),
-                                                                         describe_error(exc)))
-            return
-        if session.closing is not None and not session.outbox[session.closing]:
-            self._finish(session)
-        else:
-            self._update(session)
-
-    def _read(self, session, sock):
-        try:
-            data = sock.recv(RELAY_CHUNK)
-        except WOULD_BLOCK:
-            return
-        if not data:
-            session.end = session.abort_reason or "%s closed" % session.side(sock)
-            session.closing, session.closing_since = session.peer[sock], time.monotonic()
-            self._schedule(session)
-            return
-        pending = getattr(sock, "pending", None)
-        while pending and pending():
-            data += sock.recv(RELAY_CHUNK)
-        peer = session.peer[sock]
-        if sock is session.client:
-            session.bytes_up += len(data)
-        else:
-            session.bytes_down += len(data)
-            if session.trial:
-                session.trial = False
-                self.proxy.trial_passed(session.pool, session.member)
-        if session.settings.idle_timeout:
-            session.last = time.monotonic()
-        session.outbox[peer] += data
-        self._send(peer, session.outbox[peer])
-
-    @staticmethod
-    def _send(sock, buffer):
-        """Write as much of *buffer* as the socket takes now and drop it from the buffer."""
-        if buffer:
-            try:
-                sent = sock.send(buffer)
-            except WOULD_BLOCK:
-                return
-            except OSError as exc:
-                raise _PeerError(sock, exc)
-            del buffer[:sent]
-
-    def _update(self, session):
-        """Watch each socket for what it needs now: reads while the peer's buffer has
-        room and the session is not closing, writes while there is something to write."""
-        for sock in (session.client, session.upstream):
-            want = (WRITE if session.outbox[sock] else 0) | \
-                (READ if session.closing is None and
-                 len(session.outbox[session.peer[sock]]) < RELAY_BUFFER_LIMIT else 0)
-            have = session.interest[sock]
-            if want != have:
-                if not have:
-                    self.selector.register(sock, want, (session, sock))
-                elif want:
-                    self.selector.modify(sock, want, (session, sock))
-                else:
-                    self.selector.unregister(sock)
-                session.interest[sock] = want
-
-    def _finish(self, session):
-        """The closing side's peer has everything: close_notify and FIN, then end."""
-        sock = session.closing
-        try:
-            if isinstance(sock, ssl.SSLSocket):
-                sock = sock.unwrap()
-            sock.shutdown(socket.SHUT_WR)
-        except (OSError, ValueError):
-            pass    # TLS: close_notify was sent; the peer's answer is not worth waiting for
-        self._end(session, session.end)
-
-    def _end(self, session, end):
-        session.end = end
-        for sock in (session.client, session.upstream):
-            if session.interest[sock]:
-                try:
-                    self.selector.unregister(sock)
-                except (KeyError, ValueError):
-                    pass
-                session.interest[sock] = 0
-        session.close()
-        self.live -= 1
-        if len(self.timers) > 2 * self.live + 64:     # entries of ended sessions: drop them
-            self.timers = [entry for entry in self.timers if not entry[2].closed]
-            heapq.heapify(self.timers)
 
 
 def describe_header_error(exc):
@@ -1808,21 +1726,846 @@ def describe_header_error(exc):
 
 
 ###############################################################################
+# The relay: two pipes per session, and the failure path ######################
+###############################################################################
+
+
+def shut_write(sock):
+    """End our direction of *sock*: TLS close_notify, then a FIN.  Reading goes on."""
+    if isinstance(sock, ssl.SSLSocket):
+        try:
+            sock.unwrap()       # sends close_notify; the peer's answer is not waited for
+        except (OSError, ValueError):
+            pass
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_WR)
+    except OSError:
+        pass
+
+
+def peer_gone(sock):
+    """After a write to a peer that sent its FIN: True once it answered with a reset (its
+    process is gone), False once it acknowledged the bytes (it still reads), None while
+    unknown.  Linux's TCP_INFO tells; elsewhere only a failed write does."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 32)
+    except (OSError, TypeError):
+        return None
+    state, unacked = info[0], struct.unpack_from("I", info, 24)[0]
+    if state == TCP_CLOSE:
+        return True
+    return False if not unacked else None
+
+
+class Pipe(object):
+    """One direction of a session: what is read from *source* is written to *sink*.
+
+    A pipe is OPEN while it relays; at EOF once its source has sent its FIN
+    (what is buffered is still written); SHUT once it has shut its sink's
+    write side, or its sink went away: that direction is done.  ``hold``
+    keeps an EOF pipe from shutting its sink (while the failure path may
+    still write to Asterisk).  TLS may need the other readiness to go on (a
+    renegotiation, a key update): ``read_on`` and ``write_on`` are the events
+    the next recv and send wait for.  A source of None is agiproxy itself.
+    """
+
+    OPEN, EOF, SHUT = "open", "eof", "shut"
+
+    def __init__(self, source, sink):
+        self.source, self.sink = source, sink
+        self.buffer = bytearray()
+        self.state = Pipe.OPEN if source is not None else Pipe.EOF
+        self.hold = source is None
+        self.sent = 0
+        self.read_on, self.write_on = READ, WRITE
+
+    def readable(self):
+        return self.state == Pipe.OPEN and len(self.buffer) < RELAY_BUFFER_LIMIT
+
+    def receive(self):
+        """Read what the source has now: bytes, b'' at its EOF, or None when there is nothing."""
+        try:
+            data = self.source.recv(RELAY_CHUNK)
+        except ssl.SSLWantWriteError:
+            self.read_on = WRITE
+            return None
+        except WOULD_BLOCK:
+            self.read_on = READ
+            return None
+        self.read_on = READ
+        if not data:
+            self.state = Pipe.EOF
+            return data
+        pending = getattr(self.source, "pending", None)
+        while pending and pending():        # decrypted TLS bytes that no event would announce
+            data += self.source.recv(RELAY_CHUNK)
+        return data
+
+    def flush(self):
+        """Write what the sink takes now; shut its write side once an EOF pipe is empty.
+        Raise OSError when the sink has gone."""
+        if self.sink is None:
+            del self.buffer[:]
+        while self.buffer:
+            try:
+                sent = self.sink.send(self.buffer)
+            except ssl.SSLWantReadError:
+                self.write_on = READ
+                return
+            except WOULD_BLOCK:
+                self.write_on = WRITE
+                return
+            del self.buffer[:sent]
+            self.sent += sent
+        self.write_on = WRITE
+        if self.state == Pipe.EOF and not self.hold:
+            self.state = Pipe.SHUT
+            if self.sink is not None:
+                shut_write(self.sink)
+
+    def sink_lost(self):
+        """The sink went away: nothing more can be written to it; return the source, which
+        is now only to be read to its end (None when there is none)."""
+        del self.buffer[:]
+        self.sink = None
+        source = self.source if self.state == Pipe.OPEN else None
+        self.source_lost()
+        return source
+
+    def source_lost(self):
+        """The source went away: write what is buffered, then end."""
+        if self.state == Pipe.OPEN:
+            self.state = Pipe.EOF
+        self.source = None
+
+
+#: A chunk from Asterisk made of these bytes only is HANGUP lines: not an answer to a command.
+HANGUP_BYTES = b"HANGUP\r\n"
+
+
+class Link(object):
+    """A session in the relay: its two pipes and the phase it is in.
+
+    CONNECTING: the upstream connect is under way (inline path).
+    RELAYING: both pipes copy bytes; which side spoke last, per chunk, says
+    whether a command is in flight (sent by the application, not yet
+    answered by Asterisk).
+    FIN_IN_FLIGHT: the application sent its FIN with a command in flight.
+    Asterisk's answer is still relayed to it; then a reset says the
+    application is gone (UPSTREAMLOST), an acknowledgement that it still
+    reads (a half-close: the FIN goes on to Asterisk).
+    FAILING: agiproxy talks to Asterisk itself: after Asterisk answered any
+    command in flight, ``SET VARIABLE <failure_variable> <REASON>``, its
+    reply, then ``FAILURE`` (or nothing, to leave AGISTATUS=SUCCESS).
+    ENDING: one side has ended; the other may finish within fin_timeout.
+    The session closes once both pipes are SHUT and every source has sent its
+    EOF, so a close never resets bytes the peer has not read.
+    """
+
+    CONNECTING, RELAYING, FIN_IN_FLIGHT, FAILING, ENDING = \
+        "connecting", "relaying", "fin-in-flight", "failing", "ending"
+    #: Steps of the failure path.
+    ANSWER, REPLY, TOLD = "answer", "reply", "told"
+
+    def __init__(self, session, phase):
+        self.session = session
+        self.phase = phase
+        client, upstream = session.client, session.upstream
+        self.up = Pipe(client, upstream)
+        self.down = Pipe(upstream, client)
+        self.pipes = (self.up, self.down)
+        self.interest = {}          # socket -> events registered
+        self.upstream_spoke_last = False
+        self.last = session.started
+        self.since = 0.0            # when the current phase's own clock started
+        self.probe_at = None        # FIN_IN_FLIGHT: when to ask the kernel about the upstream
+        self.failure_step = None
+        self.failure_final = b""
+        self.reply = bytearray()
+        self.lingering = {}         # sockets read only to reach their EOF -> until when
+        self.settings = session.settings
+        self.header_size = None     # bytes of the forwarded header, once connected
+        self.scheduled = None       # the earliest deadline in the relay's heap
+        self.probe_started = self.probe_step = 0.0
+        self.last_chunk = b""       # the application's last bytes, for said_failure()
+
+    def sockets(self):
+        return [s for s in (self.session.client, self.session.upstream) if s is not None]
+
+    def events_for(self, sock):
+        """The events the relay must watch on *sock* now."""
+        if self.phase == Link.CONNECTING:
+            return WRITE if sock is self.session.upstream else 0
+        events = READ if sock in self.lingering else 0
+        for pipe in self.pipes:
+            if pipe.source is sock and pipe.readable():
+                events |= pipe.read_on
+            if pipe.sink is sock and (pipe.buffer or (pipe.state == Pipe.EOF and not pipe.hold)):
+                events |= pipe.write_on
+        return events
+
+    def deadline(self):
+        """When the relay must look at this session again, or None."""
+        settings, session = self.settings, self.session
+        if self.phase == Link.CONNECTING:
+            return session.connect_deadline
+        times = list(self.lingering.values())
+        if self.phase in (Link.RELAYING, Link.FIN_IN_FLIGHT):
+            if settings.idle_timeout:
+                times.append(self.last + settings.idle_timeout)
+            if settings.max_session_time:
+                times.append(session.started + settings.max_session_time)
+            if self.probe_at is not None:
+                times.append(self.probe_at)
+        elif self.phase == Link.FAILING and self.failure_step == Link.REPLY:
+            times.append(self.since + FAILURE_REPLY_TIMEOUT)
+        elif self.phase == Link.ENDING or self.failure_step == Link.TOLD:
+            times.append(self.since + settings.fin_timeout)
+        return min(times) if times else None
+
+    def finished(self):
+        """Both directions done (a SHUT pipe has read its source's EOF) and nothing left to linger on."""
+        return self.phase != Link.CONNECTING and not self.lingering and \
+            all(pipe.state == Pipe.SHUT for pipe in self.pipes)
+
+    # -- what the relay saw ------------------------------------------------
+
+    def received(self, pipe, data, now):
+        """Bytes from a pipe's source: relay them, or hand Asterisk's to the failure path."""
+        session = self.session
+        if pipe is self.up:
+            session.bytes_up += len(data)
+            answer = bool(data.strip(HANGUP_BYTES))
+            if self.phase == Link.FAILING:
+                self.failure_input(data, answer, now)
+                return
+            if answer:
+                self.upstream_spoke_last = False
+        else:
+            session.bytes_down += len(data)
+            self.upstream_spoke_last = True
+            self.last_chunk = data
+            if session.trial:
+                session.trial = False
+                session.proxy.trial_passed(session.pool, session.member)
+        self.last = now
+        pipe.buffer += data
+
+    def source_ended(self, pipe, now):
+        """A pipe's source sent its FIN."""
+        session = self.session
+        if pipe is self.down:
+            if self.phase == Link.RELAYING:
+                session.upstream_end, session.header_read = FIN, self.header_read()
+                if self.upstream_spoke_last and session.pool.settings.report_lost and not self.said_failure():
+                    self.phase, pipe.hold = Link.FIN_IN_FLIGHT, True    # Asterisk's answer decides
+                else:
+                    self.finish(COMPLETED, "upstream closed", now)
+        elif self.phase == Link.FAILING:
+            self.down.hold = False          # Asterisk is gone: nothing more to tell it
+        else:
+            self.finish(COMPLETED, "client closed", now)
+
+    def header_read(self):
+        """Had the application read the whole header when its FIN came?  A close with
+        unread bytes is a reset, so a FIN after the kernel acknowledged every header byte
+        says yes (Linux's TCP_INFO tells; elsewhere, that it was all written is what we know)."""
+        if self.header_size is None or self.up.sent < self.header_size:
+            return False
+        return TCP_INFO is None or peer_gone(self.session.upstream) is False
+
+    def said_failure(self):
+        """Was the application's last line FAILURE?  Then it ended the AGI itself: nothing is in flight."""
+        last_line = self.last_chunk.rstrip(b"\r\n").rsplit(b"\n", 1)[-1]
+        return last_line[:7].lower() == b"failure"
+
+    def lost(self, sock, exc, now):
+        """A read or a write on *sock* failed: that peer is gone (reset, timeout, TLS error)."""
+        session = self.session
+        self.lingering.pop(sock, None)
+        why = describe_error(exc)
+        if sock is session.client:
+            self.up.source_lost()                   # what it sent still goes to the upstream
+            self.linger(self.down.sink_lost(), now)
+            self.down.hold = False
+            self.finish(CLIENTLOST, "client reset (%s)" % why, now)
+            return
+        if self.down.source is sock:
+            self.down.source_lost()                 # what it sent still goes to Asterisk
+        if self.phase in (Link.RELAYING, Link.FIN_IN_FLIGHT) and session.end is None:
+            after_fin = self.phase == Link.FIN_IN_FLIGHT
+            session.upstream_end = session.upstream_end or RESET
+            detail = "upstream gone after closing with a command in flight (%s)" % why if after_fin \
+                else "upstream reset (%s)" % why
+            self.up.sink = None
+            del self.up.buffer[:]
+            self.upstream_lost(detail, now, not after_fin or session.pool.settings.fin_in_flight == "failure")
+        elif self.up.sink is sock:                  # after the application's end: Asterisk finishes alone
+            self.linger(self.up.sink_lost(), now)
+
+    def upstream_lost(self, detail, now, failure):
+        if self.session.pool.settings.report_lost:
+            self.fail(UPSTREAMLOST, detail, now, failure)
+        else:                               # agiproxy 1.0: the close goes on to Asterisk
+            self.cut(UPSTREAMLOST, detail, now)
+
+    def expired(self, now):
+        """A deadline of deadline() has come."""
+        session, settings = self.session, self.settings
+        for sock, until in list(self.lingering.items()):
+            if now >= until:
+                del self.lingering[sock]
+        if self.phase in (Link.RELAYING, Link.FIN_IN_FLIGHT):
+            if self.probe_at is not None and now >= self.probe_at:
+                self.probe(now)
+            longest, idle = settings.max_session_time, settings.idle_timeout
+            if self.phase not in (Link.RELAYING, Link.FIN_IN_FLIGHT):
+                return
+            if longest and now >= session.started + longest:
+                self.timed_out("max_session_time = %gs reached" % longest, now)
+            elif idle and now >= self.last + idle:
+                self.timed_out("idle_timeout = %gs reached" % idle, now)
+        elif self.phase == Link.FAILING and self.failure_step == Link.REPLY:
+            if now >= self.since + FAILURE_REPLY_TIMEOUT:
+                self.told(now)              # no reply: FAILURE all the same
+        elif now >= self.since + settings.fin_timeout:
+            session.detail += ", fin_timeout = %gs reached" % settings.fin_timeout
+            for pipe in self.pipes:         # what is still open is closed as it is
+                pipe.state, pipe.source, pipe.hold = Pipe.SHUT, None, False
+            self.lingering.clear()
+
+    def timed_out(self, detail, now):
+        if self.session.pool.settings.report_lost:
+            self.fail(TIMEOUT, detail, now)
+        else:
+            self.cut(TIMEOUT, detail, now)
+
+    # -- ends --------------------------------------------------------------
+
+    def finish(self, reason, detail, now):
+        """One side ended: the other direction goes on until its own end (fin_timeout)."""
+        session = self.session
+        if session.end is None:
+            session.end, session.detail = reason, detail
+        if self.phase != Link.FAILING:
+            self.phase, self.since = Link.ENDING, now
+            self.down.hold = False
+        self.probe_at = None
+
+    def cut(self, reason, detail, now):
+        """End both directions now: what is buffered is written, then both get their FIN."""
+        self.finish(reason, detail, now)
+        for pipe in self.pipes:
+            if pipe.state == Pipe.OPEN:
+                self.linger(pipe.source, now)
+                pipe.source_lost()
+
+    def linger(self, sock, now):
+        """Read *sock* only to reach its end, for at most LINGER_TIMEOUT: a close with unread
+        bytes would be a reset, which can destroy what the peer has not yet read."""
+        if sock is not None:
+            self.lingering[sock] = now + LINGER_TIMEOUT
+
+    def after_io(self, now):
+        """Bookkeeping after the relay read or wrote: the probe's start."""
+        if self.phase == Link.FIN_IN_FLIGHT and not self.upstream_spoke_last and not self.up.buffer \
+                and self.probe_at is None:
+            self.probe_started, self.probe_step = now, FIN_PROBE_STEP
+            self.probe_at = now + FIN_PROBE_STEP
+
+    def probe(self, now):
+        """FIN_IN_FLIGHT, Asterisk's answer written: is the application still there?"""
+        gone = peer_gone(self.session.upstream)
+        if gone:
+            self.upstream_lost("upstream gone after closing with a command in flight", now,
+                               self.session.pool.settings.fin_in_flight == "failure")
+        elif gone is False or now - self.probe_started >= FIN_PROBE_LIMIT:
+            self.finish(COMPLETED, "upstream closed", now)      # a half-close: it reads on
+        else:
+            self.probe_step *= 2
+            self.probe_at = now + self.probe_step
+
+    # -- the failure path --------------------------------------------------
+
+    def fail(self, reason, detail, now, failure=True):
+        """Tell Asterisk why: SET VARIABLE <failure_variable> <reason>, then FAILURE (or, with
+        *failure* False, end there: AGISTATUS stays SUCCESS).  Bytes the application had
+        sent are delivered first; a live upstream gets its FIN and is read to its end."""
+        session = self.session
+        session.end, session.detail = reason, detail
+        session.proxy.count_failure(reason)
+        log.warning("%s: %s %s: %s", session.client_name, reason, printable(session.request_url), detail)
+        upstream = session.upstream
+        if upstream is not None and self.up.sink is upstream:
+            shut_write(upstream)
+        self.up.sink = None             # what Asterisk says now is for agiproxy
+        del self.up.buffer[:]
+        if self.down.source is not None:
+            self.linger(self.down.source, now)
+        self.down.source_lost()
+        self.phase, self.down.hold = Link.FAILING, True
+        self.failure_final = b"FAILURE\n" if failure else b""
+        if self.upstream_spoke_last:
+            self.failure_step = Link.ANSWER     # never pipeline: Asterisk reads one line at a time
+        else:
+            self.tell(now)
+
+    def tell(self, now):
+        self.failure_step, self.since = Link.REPLY, now
+        self.down.buffer += encode("SET VARIABLE %s %s\n" % (self.settings.failure_variable, self.session.end))
+
+    def told(self, now):
+        self.failure_step, self.since = Link.TOLD, now
+        self.down.buffer += self.failure_final
+        self.down.hold = False
+
+    def failure_input(self, data, answer, now):
+        """What Asterisk says while agiproxy talks to it."""
+        if self.failure_step == Link.ANSWER:
+            if answer:
+                self.upstream_spoke_last = False
+                self.tell(now)
+        elif self.failure_step == Link.REPLY:
+            self.reply += data
+            lines = bytes(self.reply).split(b"\n")[:-1]      # HANGUP lines may come first
+            if any(line[:1].isdigit() for line in lines) or len(self.reply) > 4096:
+                self.told(now)
+
+
+class Relay(object):
+    """The relay loop: one thread, one selector, every session.
+
+    It accepts on the plain listeners, opens inline what needs no waiting
+    (Session's steps), hands the rest to worker threads, and copies the
+    bytes of every session through its two Pipes.  One thread keeps
+    Python's GIL from changing hands at every AGI command, and an idle call
+    costs two sockets and a few hundred bytes, not a thread.
+
+    Nothing here blocks: reads and writes are non-blocking, logging goes to
+    a queue, the proxy's lock is held only to count.  Bytes are never
+    parsed: HANGUP lines and 520 usage blocks pass as they are.  Other
+    threads reach the loop through call().  Deadlines sit in a heap.
+    """
+
+    def __init__(self, proxy):
+        self.proxy = proxy
+        self.selector = selectors.DefaultSelector()     # epoll: one descriptor for the whole proxy
+        self.wake_read, self.wake_write = socket.socketpair()
+        self.wake_read.setblocking(False)
+        self.wake_write.setblocking(False)
+        self.selector.register(self.wake_read, READ)
+        self.lock = threading.Lock()
+        self.incoming = []          # (function, args) to run in the loop
+        self.woken = False
+        self.timers = []            # heap of (when, sequence, link)
+        self.live = 0               # sessions in the loop now
+        self.links = set()
+        self.paused = {}            # listener -> when accepting resumes (out of descriptors)
+        self.closing = {}           # listener -> (when it closes, event to set)
+        self.sequence = itertools.count()
+        self.stopping = False
+        self.thread = None
+
+    def start(self):
+        # made here, not in __init__: --daemon forks in between, and Python 3.13
+        # refuses to start a Thread object created before a fork
+        self.thread = threading.Thread(target=self.run, name="relay", daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        """End the loop; sessions still in it are closed as ABORTED."""
+        self.call(self._stop)
+        if self.thread is not None:
+            self.thread.join(5)
+
+    def call(self, function, *args):
+        """Run ``function(*args)`` in the loop's thread; False when the loop has stopped."""
+        with self.lock:
+            if self.stopping:
+                return False
+            self.incoming.append((function, args))
+            wake, self.woken = not self.woken, True
+        if wake:
+            try:
+                self.wake_write.send(b"\0")
+            except OSError:
+                pass    # a wake-up is already waiting (buffer full), or we are closing
+        return True
+
+    def add(self, session, failure):
+        """Take over a session a worker has opened (or failed to open): see open()."""
+        if not self.call(self.open, session, failure):
+            close_quietly(session.upstream)
+            close_quietly(session.client)
+            session.end, session.detail = ABORTED, session.abort_reason or "shutdown"
+            session.closed = True
+            self.proxy.session_ended(session)
+
+    def listen(self, listener):
+        """Accept on *listener* in the loop."""
+        self.call(self._listen, listener)
+
+    def unlisten(self, listener):
+        """Stop accepting on *listener* without resetting any connection the kernel has
+        completed; return an Event set once it is closed."""
+        done = threading.Event()
+        if not self.call(self._unlisten, listener, done):
+            listener.server_close()
+            done.set()
+        return done
+
+    def owns(self, session):
+        """Is *session* in the loop now?  (For the rare path of an internal error.)"""
+        return any(link.session is session for link in self.links)
+
+    # -- the loop ----------------------------------------------------------
+
+    def run(self):
+        while not self.stopping:
+            try:
+                self._turn()
+            except Exception:   # a bug must cost one session, never the loop
+                log.exception("relay loop: internal error")
+        for function, args in self.incoming:    # what other threads handed over meanwhile
+            if function == self.open:
+                args[0].abort_reason = args[0].abort_reason or "shutdown"
+                self.open(*args)
+            elif function == self._unlisten:
+                args[0].server_close()
+                args[1].set()
+        for listener, (_, done) in list(self.closing.items()):
+            listener.server_close()
+            done.set()
+        for link in list(self.links):
+            link.session.end, link.session.detail = ABORTED, link.session.abort_reason or "shutdown"
+            self._close(link)
+        self.selector.close()
+        self.wake_read.close()
+        self.wake_write.close()
+
+    def _stop(self):
+        with self.lock:
+            self.stopping = True
+
+    def _turn(self):
+        times = ([self.timers[0][0]] if self.timers else []) + list(self.paused.values()) + \
+            [when for when, _ in self.closing.values()]
+        timeout = max(0.0, min(times) - time.monotonic()) if times else None
+        for key, mask in self.selector.select(timeout):
+            data = key.data
+            if data is None:
+                self._take_incoming()
+            elif isinstance(data, tuple):
+                link = data[0]
+                if link in self.links:
+                    try:
+                        self._event(link, data[1], mask)
+                    except Exception:
+                        log.exception("%s: relay: internal error", link.session.client_name)
+                        link.session.end, link.session.detail = INTERNAL, "internal error"
+                        self._close(link)
+            else:
+                self._accept(data)
+        now = time.monotonic()
+        if self.timers and self.timers[0][0] <= now:
+            self._expire(now)
+        for listener, when in list(self.paused.items()):
+            if when <= now:
+                del self.paused[listener]
+                self.selector.register(listener.socket, READ, listener)
+        for listener, (when, done) in list(self.closing.items()):
+            if when <= now:
+                self._accept(listener)          # the last ones the kernel completed
+                del self.closing[listener]
+                self._unwatch(listener)
+                listener.server_close()
+                done.set()
+
+    def _take_incoming(self):
+        try:
+            while self.wake_read.recv(4096):
+                pass
+        except OSError:
+            pass
+        with self.lock:
+            incoming, self.incoming, self.woken = self.incoming, [], False
+        for function, args in incoming:
+            function(*args)
+
+    # -- listeners ---------------------------------------------------------
+
+    def _listen(self, listener):
+        listener.socket.setblocking(False)
+        self.selector.register(listener.socket, READ, listener)
+
+    def _unwatch(self, listener):
+        self.paused.pop(listener, None)
+        try:
+            self.selector.unregister(listener.socket)
+        except (KeyError, ValueError):
+            pass
+
+    def _unlisten(self, listener, done):
+        # New SYNs are dropped from now on (they are refused once the socket is closed);
+        # handshakes already under way still complete, and are accepted and served.
+        refuse_new_connections(listener.socket)
+        self.closing[listener] = (time.monotonic() + DRAIN_ACCEPT_GRACE, done)
+
+    def _accept(self, listener):
+        """socketserver's request handling, without blocking: accept what is there."""
+        for _ in range(ACCEPT_BATCH):
+            try:
+                request, client_address = listener.get_request()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in LOCAL_SHORTAGE:     # pause instead of spinning on the ready listener
+                    listener.accept_pause = min(max(listener.accept_pause * 2, 0.01), 1.0)
+                    self.proxy.limited_log("accept", logging.ERROR, "%s: cannot accept: %s; pausing accepts "
+                                           "for %gs", listener.name, describe_error(exc), listener.accept_pause)
+                    self._unwatch(listener)
+                    if listener not in self.closing:
+                        self.paused[listener] = time.monotonic() + listener.accept_pause
+                return
+            listener.accept_pause = 0.0
+            if listener.verify_request(request, client_address):
+                listener.process_request(request, client_address)
+            else:
+                listener.shutdown_request(request)
+
+    # -- opening sessions --------------------------------------------------
+
+    def open_inline(self, session):
+        """A plain connection just accepted: open it here if its header is all there."""
+        try:
+            session.client.setblocking(False)
+            session.scanner.feed(session.client.recv(8192))
+            if session.scanner.done:
+                session.header, session.leftover = session.scanner.result()
+        except WOULD_BLOCK:
+            pass
+        except (HeaderError, OSError, ValueError) as exc:
+            return self.open(session, (BADHEADER, describe_header_error(exc)))
+        if session.header is None:
+            return self.proxy.workers.submit(session)
+        failure = session.take_header()
+        if failure:
+            return self.open(session, failure)
+        self._connect_next(session)
+
+    def _connect_next(self, session):
+        """Reserve and connect without blocking; a server that needs waiting goes to a worker."""
+        while True:
+            if session.member is None:
+                failure = session.reserve()
+                if failure:
+                    return self.open(session, failure)
+            if not session.connects_inline():
+                return self.proxy.workers.submit(session)
+            state = session.member.state
+            try:
+                if session.attempt_timeout <= 0:
+                    raise socket.timeout("connect_budget spent")
+                session.upstream = begin_connect(state.host, state.port)
+            except OSError as exc:
+                failure = session.connect_failed(exc)
+                if failure:
+                    return self.open(session, failure)
+                continue
+            return self._track(Link(session, Link.CONNECTING))
+
+    def _connected(self, link):
+        """The inline connect completed, one way or the other."""
+        session = link.session
+        error = session.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if not error:
+            tune_socket(session.upstream, session.settings, upstream=True)
+            return self._relay(link)
+        self._forget(link)
+        close_quietly(session.upstream)
+        session.upstream = None
+        failure = session.connect_failed(OSError(error, os.strerror(error)))
+        if failure:
+            return self.open(session, failure)
+        self._connect_next(session)
+
+    def open(self, session, failure):
+        """Start relaying a connected session, or its failure path; close a bad header."""
+        if session.abort_reason is not None:
+            failure = ABORTED, session.abort_reason
+        if failure is None:
+            return self._track(Link(session, Link.RELAYING))
+        reason, detail = failure
+        if reason in (BADHEADER, ABORTED, INTERNAL):    # not a FastAGI client, or no time left: close
+            session.end, session.detail = reason, detail
+            if reason == BADHEADER:
+                self.proxy.count_failure(BADHEADER)
+                log.warning("%s: %s; closing", session.client_name, detail)
+            close_quietly(session.client)
+            session.closed = True
+            return self.proxy.session_ended(session)
+        link = Link(session, Link.RELAYING)
+        self.live += 1
+        self.links.add(link)
+        link.fail(reason, detail, time.monotonic())
+        self._after(link)
+
+    def _track(self, link):
+        self.live += 1
+        self.links.add(link)
+        if link.phase == Link.RELAYING:
+            return self._relay(link)
+        self._after(link)
+
+    def _relay(self, link):
+        """The upstream is connected: send it the header and what followed, then relay."""
+        session = link.session
+        link.phase = Link.RELAYING
+        link.up = Pipe(session.client, session.upstream)
+        link.down = Pipe(session.upstream, session.client)
+        link.pipes = (link.up, link.down)
+        forwarded = session.forwarded()
+        link.header_size = len(forwarded) - len(session.leftover)
+        link.up.buffer += forwarded
+        session.bytes_up += len(forwarded)           # bytes_up counts the forwarded header too
+        self._flush(link, link.up, time.monotonic())
+        self._after(link)
+
+    # -- relaying ----------------------------------------------------------
+
+    def _event(self, link, sock, mask):
+        now = time.monotonic()
+        session = link.session
+        if session.abort_reason is not None:
+            session.end, session.detail = ABORTED, session.abort_reason
+            return self._close(link)
+        if link.phase == Link.CONNECTING:
+            return self._connected(link)
+        for pipe in link.pipes:                 # writes first: they make room
+            if pipe.sink is sock and mask & pipe.write_on:
+                self._flush(link, pipe, now)
+        if sock in link.lingering and mask & READ:
+            self._discard(link, sock)
+        for pipe in link.pipes:
+            if pipe.source is sock and pipe.readable() and mask & pipe.read_on:
+                try:
+                    data = pipe.receive()
+                except OSError as exc:
+                    link.lost(sock, exc, now)
+                    continue
+                if data:
+                    link.received(pipe, data, now)
+                elif data is not None:
+                    link.source_ended(pipe, now)
+        for pipe in link.pipes:
+            if pipe.buffer or pipe.state == Pipe.EOF and not pipe.hold:
+                self._flush(link, pipe, now)
+        self._after(link)
+
+    @staticmethod
+    def _flush(link, pipe, now):
+        try:
+            pipe.flush()
+        except OSError as exc:
+            link.lost(pipe.sink, exc, now)
+
+    @staticmethod
+    def _discard(link, sock):
+        """Read a lingering socket to its end, so that closing it resets nothing."""
+        try:
+            while sock.recv(RELAY_CHUNK):
+                pass
+        except WOULD_BLOCK:
+            return
+        except OSError:
+            pass
+        del link.lingering[sock]
+
+    def _after(self, link):
+        """After any change: close a finished link, else watch what it needs and schedule it."""
+        link.after_io(time.monotonic())
+        if link.finished():
+            return self._close(link)
+        for sock in link.sockets():
+            want, have = link.events_for(sock), link.interest.get(sock, 0)
+            if want != have:
+                if not have:
+                    self.selector.register(sock, want, (link, sock))
+                elif want:
+                    self.selector.modify(sock, want, (link, sock))
+                else:
+                    self.selector.unregister(sock)
+                link.interest[sock] = want
+        when = link.deadline()
+        if when is not None and (link.scheduled is None or when < link.scheduled):
+            link.scheduled = when
+            heapq.heappush(self.timers, (when, next(self.sequence), link))
+
+    def _expire(self, now):
+        while self.timers and self.timers[0][0] <= now:
+            link = heapq.heappop(self.timers)[2]
+            if link not in self.links:
+                continue
+            link.scheduled = None
+            when = link.deadline()
+            if when is not None and when <= now:
+                if link.phase == Link.CONNECTING:
+                    self._forget(link)
+                    close_quietly(link.session.upstream)
+                    link.session.upstream = None
+                    failure = link.session.connect_failed(socket.timeout("timed out"))
+                    if failure:
+                        self.open(link.session, failure)
+                    else:
+                        self._connect_next(link.session)
+                    continue
+                link.expired(now)
+                for pipe in link.pipes:
+                    if pipe.buffer or pipe.state == Pipe.EOF and not pipe.hold:
+                        self._flush(link, pipe, now)
+            self._after(link)
+
+    def _forget(self, link):
+        """Stop watching *link*'s sockets and drop it (its session goes on, or is closed)."""
+        for sock, events in link.interest.items():
+            if events:
+                try:
+                    self.selector.unregister(sock)
+                except (KeyError, ValueError):
+                    pass
+        link.interest = {}
+        self.links.discard(link)
+        self.live -= 1
+        if len(self.timers) > 2 * self.live + 64:     # entries of ended sessions: drop them
+            self.timers = [entry for entry in self.timers if entry[2] in self.links]
+            heapq.heapify(self.timers)
+
+    def _close(self, link):
+        session = link.session
+        self._forget(link)
+        close_quietly(session.upstream)
+        close_quietly(session.client)
+        session.closed = True
+        self.proxy.session_ended(session)
+
+
+###############################################################################
 # The proxy: shared state, listeners, workers and metrics #####################
 ###############################################################################
 
 
 class AgiHandler(socketserver.BaseRequestHandler):
-    """socketserver's handler: one Session per accepted connection."""
+    """socketserver's handler, for the waiting path: a worker thread finishes
+    opening the session (``request`` is the Session) and hands it to the relay."""
 
     def handle(self):
-        server = self.server
-        context = server.proxy.server_context if server.tls else None
-        Session(server.proxy, self.request, self.client_address, context).run()
+        self.request.open_blocking()
 
 
 class AgiListener(socketserver.ThreadingMixIn, socketserver.TCPServer):
-    """A listening address.  Connections go to the proxy's warm workers, not new threads."""
+    """A listening address.  The relay accepts on it (get_request, verify_request,
+    process_request, as socketserver's own loop would); a session that must wait
+    goes to the proxy's warm workers (process_request_thread)."""
 
     allow_reuse_address = True
 
@@ -1843,78 +2586,68 @@ class AgiListener(socketserver.ThreadingMixIn, socketserver.TCPServer):
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         socketserver.TCPServer.server_bind(self)
 
-    def get_request(self):
-        """accept(), pausing instead of spinning while the process is out of descriptors."""
-        try:
-            request = self.socket.accept()
-        except OSError as exc:
-            if exc.errno in LOCAL_SHORTAGE:
-                self.accept_pause = min(max(self.accept_pause * 2, 0.01), 1.0)
-                self.proxy.limited_log("accept", logging.ERROR, "%s: cannot accept: %s; pausing accepts for %gs",
-                                       self.name, describe_error(exc), self.accept_pause)
-                time.sleep(self.accept_pause)
-            raise
-        self.accept_pause = 0.0
-        return request
-
     def verify_request(self, request, client_address):
         return self.proxy.admit(client_address, self.tls)
 
     def process_request(self, request, client_address):
-        self.proxy.accepted()
+        """In the relay thread: open the session inline, or give it to a worker."""
+        proxy = self.proxy
+        tune_socket(request, proxy.settings)
+        session = Session(proxy, request, client_address, self)
+        proxy.session_started(session)
         try:
-            self.proxy.workers.submit(self.process_request_thread, request, client_address)
-        except RuntimeError as exc:   # can't start new thread
-            self.proxy.accepted(-1)
-            self.proxy.limited_log("thread", logging.ERROR, "%s: cannot serve %s: %s",
-                                   self.name, client_address[0], exc)
-            self.shutdown_request(request)
+            if self.tls:
+                proxy.workers.submit(session)
+            else:
+                proxy.relay.open_inline(session)
+        except Exception:       # a bug must cost this session only, and still end it
+            log.exception("%s: internal error", session.client_name)
+            if not session.closed and not proxy.relay.owns(session):
+                proxy.relay.open(session, (INTERNAL, "internal error"))
 
-    def process_request_thread(self, request, client_address):
-        """ThreadingMixIn's, without closing the socket: the Session owns it and
-        closes it itself, in the relay thread if it got that far."""
-        try:
-            self.finish_request(request, client_address)
-        except Exception:
-            self.handle_error(request, client_address)
-            self.shutdown_request(request)
-
-    def handle_error(self, request, client_address):
-        log.exception("internal error serving %s", client_address[0])
+    def process_request_thread(self, session, client_address):
+        """ThreadingMixIn's, without closing the socket: the relay closes it."""
+        self.finish_request(session, client_address)
 
 
 class WorkerPool(object):
-    """Warm threads for sessions: a new call reuses an idle thread instead of starting one.
+    """Warm threads for the waiting path: a session reuses an idle thread instead of starting one.
 
     Threads are started on demand, so there is no cap but the process's; at
-    most *spare* idle threads are kept waiting for work.
+    most *spare* idle threads are kept waiting for work.  A session that
+    cannot get a thread is closed (and counted) at once.
     """
 
-    def __init__(self, spare):
+    def __init__(self, proxy, spare):
+        self.proxy = proxy
         self.spare = spare
         self.lock = threading.Lock()
         self.idle = 0
         self.jobs = queue.Queue()
 
-    def submit(self, function, *args):
+    def submit(self, session):
+        """Run the session's listener's handler for it (see AgiListener.process_request_thread)."""
         with self.lock:
             reuse = self.idle > 0
             if reuse:
                 self.idle -= 1
         if reuse:
-            self.jobs.put((function, args))
-        else:
-            threading.Thread(target=self._work, args=((function, args),), daemon=True).start()
+            self.jobs.put(session)
+            return
+        try:
+            threading.Thread(target=self._work, args=(session,), daemon=True).start()
+        except RuntimeError as exc:     # can't start new thread
+            self.proxy.limited_log("thread", logging.ERROR, "%s: cannot serve: %s", session.client_name, exc)
+            self.proxy.relay.open(session, (ABORTED, "no thread: %s" % exc))
 
-    def _work(self, job):
-        while job is not None:
-            function, args = job
-            function(*args)
+    def _work(self, session):
+        while session is not None:
+            session.listener.process_request_thread(session, session.client_address)
             with self.lock:
                 if self.idle >= self.spare:
                     return
                 self.idle += 1
-            job = self.jobs.get()
+            session = self.jobs.get()
 
     def stop(self):
         """Let the idle threads end."""
@@ -1963,13 +2696,12 @@ class Proxy(object):
         self.upstreams = Upstreams(config)
         self.server_context = make_server_context(config.settings) if config.settings.tls_cert else None
         self.sessions = set()
-        self.accepting = 0      # accepted, waiting for a worker: not in sessions yet
         self.active = 0         # sessions holding a server slot (connecting or relaying)
         self.stats = Stats()
         self.listeners = collections.OrderedDict()   # (tls, host, port) as configured -> AgiListener
         self.stats_server = None
         self.checkers = []
-        self.workers = WorkerPool(config.settings.spare_threads)
+        self.workers = WorkerPool(self, config.settings.spare_threads)
         self.relay = Relay(self)
         self.log_windows = {}
         self.draining = False
@@ -2016,17 +2748,12 @@ class Proxy(object):
         """Start serving on every bound listener, the stats endpoint and the health checks."""
         self.relay.start()
         for listener in self.listeners.values():
-            self._start_listener(listener)
+            self.relay.listen(listener)
         if self.stats_server is not None:
             threading.Thread(target=self.stats_server.serve_forever, name="stats", daemon=True).start()
         self._start_checkers()
         for listener in self.listeners.values():
             log.info("listening on %s", listener.name)
-
-    @staticmethod
-    def _start_listener(listener):
-        threading.Thread(target=listener.serve_forever, args=(0.1,), name="accept " + listener.name,
-                         daemon=True).start()
 
     def _start_checkers(self):
         self.checkers = [HealthChecker(self, pool) for pool in self.upstreams.pools.values()
@@ -2046,17 +2773,13 @@ class Proxy(object):
         """The bound addresses as ``(tls, host, port)``, with real port numbers."""
         return [(l.tls,) + tuple(l.server_address[:2]) for l in self.listeners.values()]
 
-    def stop_listening(self):
-        """Stop accepting on every listener and close them (a drain's first step)."""
-        listeners = list(self.listeners.values())
-        stoppers = [threading.Thread(target=l.shutdown) for l in listeners]
-        for thread in stoppers:
-            thread.start()
-        for thread in stoppers:
-            thread.join()
-        for listener in listeners:
-            listener.server_close()
-        self.listeners = collections.OrderedDict()
+    def stop_listening(self, listeners=None):
+        """Stop accepting on *listeners* (default: all) and close them, resetting no
+        connection the kernel has completed (a drain's first step)."""
+        if listeners is None:
+            listeners, self.listeners = list(self.listeners.values()), collections.OrderedDict()
+        for done in [self.relay.unlisten(listener) for listener in listeners]:
+            done.wait(DRAIN_ACCEPT_GRACE + 5)
 
     def shutdown(self):
         """Stop everything: listeners, checks, stats endpoint, live sessions and idle workers."""
@@ -2097,34 +2820,27 @@ class Proxy(object):
             self.stats.reload_ok = 1
         self._stop_checkers()
         self._start_checkers()
+        self.stop_listening(removed)
         for listener in removed:
-            listener.shutdown()
-            listener.server_close()
             log.info("stopped listening on %s", listener.name)
         for listener in added:
-            self._start_listener(listener)
+            self.relay.listen(listener)
             log.info("listening on %s", listener.name)
         log.info("configuration reloaded from %s: %d routes, %d pools", path, len(config.routes), len(config.pools))
         return True
 
     # -- sessions ----------------------------------------------------------
 
-    def accepted(self, count=1):
-        """A connection was accepted and queued for a worker (count=-1: it was not)."""
-        with self.lock:
-            self.accepting += count
-
     def session_started(self, session):
         with self.lock:
-            self.accepting -= 1
             self.sessions.add(session)
             self.stats.connections += 1
 
     def session_ended(self, session):
-        """Give back the session's slot, count it and write its access-log line."""
+        """Give back the session's slot, judge the server by it, count it and write its access-log line."""
         now = time.monotonic()
         duration = now - session.started
-        hook = None
+        hook, said = None, []
         with self.lock:
             self.sessions.discard(session)
             member, pool = session.member, session.pool
@@ -2135,29 +2851,25 @@ class Proxy(object):
                 state.bytes_down += session.bytes_down
                 pool.state.sessions += 1
                 self.stats.observe(duration, session.bytes_up, session.bytes_down)
-                # closed or reset before saying anything: a crashed app behind a live port
-                silent = not session.bytes_down and session.end.startswith("upstream")
-                if session.trial:    # the half-open try never heard from the server
-                    if silent:
-                        self._mark_down(pool, member, "ended the trial session without a command", now, True)
-                    else:
-                        state.trial = False
-                elif session.bytes_down:
-                    state.early_closes = 0
-                elif silent and pool.settings.early_close_limit:
-                    state.early_closes += 1
-                    if state.early_closes >= pool.settings.early_close_limit:
-                        self._mark_down(pool, member, "ended %d sessions in a row without a command"
-                                        % pool.settings.early_close_limit, now)
+                verdict = state.judge_session(session.bytes_down > 0, session.header_read, session.upstream_end,
+                                              session.trial, pool.settings.early_close_limit)
+                if verdict is True and session.trial:
+                    said += self._mark_up(pool, member, "its trial session worked")
+                elif verdict not in (None, True):
+                    said += self._mark_down(pool, member, verdict, now, session.trial)
+                elif session.trial:
+                    state.trial = False     # the trial said nothing of the server: the next session tries
                 hook = self._give_back(pool, member, now)
-            drained = self.draining and not self.sessions and not self.accepting
+            drained = self.draining and not self.sessions
+        self._say(said)
         self._run_hook(pool, hook)
         if session.settings.access_log and log.isEnabledFor(logging.INFO):
             log.info('session client=%s request="%s" route=%s pool=%s server=%s duration=%.3f '
-                     'bytes_up=%d bytes_down=%d end="%s"', session.client_name, printable(session.request_url),
-                     session.route.name if session.route else "-", session.pool.name if session.pool else "-",
-                     member.name if member else "-", duration, session.bytes_up, session.bytes_down, session.end)
-        if drained and self.wakeup_fd is not None:     # last: the line above is written before we exit
+                     'bytes_up=%d bytes_down=%d end=%s why="%s"', session.client_name,
+                     printable(session.request_url), session.route.name if session.route else "-",
+                     session.pool.name if session.pool else "-", member.name if member else "-", duration,
+                     session.bytes_up, session.bytes_down, session.end, printable(session.detail))
+        if drained and self.wakeup_fd is not None:     # last: the line above is queued before we exit
             try:
                 os.write(self.wakeup_fd, b"\x00")
             except OSError:
@@ -2172,7 +2884,7 @@ class Proxy(object):
         hook = None
         with self.lock:
             if self.settings.max_sessions and self.active >= self.settings.max_sessions:
-                return None, "BUSY"
+                return None, BUSY
             member, reason = pool.reserve(order, tried, time.monotonic())
             if member is not None:
                 self.active += 1
@@ -2183,13 +2895,15 @@ class Proxy(object):
     def connect_failed(self, pool, member, why, trial, judged=True):
         """Give back the slot of a failed connect; *judged*: the failure counts against the server."""
         now = time.monotonic()
+        said = []
         with self.lock:
             member.state.connect_failures += 1
             if judged:
-                self._mark_down(pool, member, "connect failed: " + why, now, trial)
+                said = self._mark_down(pool, member, "connect failed: " + why, now, trial)
             elif trial:
                 member.state.trial = False
             hook = self._give_back(pool, member, now)
+        self._say(said)
         self._run_hook(pool, hook)
 
     def _give_back(self, pool, member, now):
@@ -2206,37 +2920,54 @@ class Proxy(object):
     def trial_passed(self, pool, member):
         """The half-open try got its first byte from the server: it is back."""
         with self.lock:
-            if member.state.mark_up():
-                log.warning("server %s of pool %s is up again", member.name, pool.name)
+            said = self._mark_up(pool, member, "it answered its trial session")
+        self._say(said)
 
     def check_result(self, pool, member, why):
         """Apply one active check result with HAProxy's rise/fall counting."""
         settings = pool.settings
+        said = []
         with self.lock:
             state = member.state
             if why is None:
                 state.check_streak = max(state.check_streak, 0) + 1
-                if not state.up and state.check_streak >= settings.rise and state.mark_up():
-                    log.warning("server %s of pool %s is up: %d checks passed", member.name, pool.name,
-                                settings.rise)
+                if not state.up and state.check_streak >= settings.rise:
+                    said = self._mark_up(pool, member, "%d checks passed" % settings.rise)
             else:
                 state.check_streak = min(state.check_streak, 0) - 1
-                log.debug("check of %s in pool %s failed: %s", member.name, pool.name, why)
+                said = [(logging.DEBUG, "check of %s in pool %s failed: %s", (member.name, pool.name, why))]
                 if state.up and -state.check_streak >= settings.fall:
-                    self._mark_down(pool, member, "%d checks failed, last: %s" % (settings.fall, why),
-                                    time.monotonic())
+                    said += self._mark_down(pool, member, "%d checks failed, last: %s" % (settings.fall, why),
+                                            time.monotonic())
+        self._say(said)
 
-    def _mark_down(self, pool, member, why, now, trial=False):
-        """With the lock held: take *member* out of service and say so."""
+    @staticmethod
+    def _mark_up(pool, member, why):
+        """With the lock held: put *member* back in service; return what to log once the lock is released."""
+        if member.state.mark_up():
+            return [(logging.WARNING, "server %s of pool %s is up again: %s", (member.name, pool.name, why))]
+        return []
+
+    @staticmethod
+    def _mark_down(pool, member, why, now, trial=False):
+        """With the lock held: take *member* out of service; return what to log once the lock is released."""
         settings = pool.settings
         state = member.state
+        said = []
         if state.mark_down(now, why, settings.retry_after, settings.retry_after_max, trial):
-            log.warning("server %s of pool %s is down: %s", member.name, pool.name, why)
+            said.append((logging.WARNING, "server %s of pool %s is down: %s", (member.name, pool.name, why)))
         elif trial:
-            log.info("server %s of pool %s still down, next try in %gs: %s", member.name, pool.name,
-                     state.backoff, why)
+            said.append((logging.INFO, "server %s of pool %s still down, next try in %gs: %s",
+                         (member.name, pool.name, state.backoff, why)))
         if settings.check != "none":
             state.check_streak = min(state.check_streak, 0)
+        return said
+
+    @staticmethod
+    def _say(said):
+        """Log what was collected under the lock: the log never runs while the lock is held."""
+        for level, message, args in said:
+            log.log(level, message, *args)
 
     def count_failure(self, reason):
         with self.lock:
@@ -2254,7 +2985,7 @@ class Proxy(object):
             address = address.ipv4_mapped
         if not any(address in net for net in deny) and (not allow or any(address in net for net in allow)):
             return True
-        self.count_failure("DENIED")
+        self.count_failure(DENIED)
         self.limited_log("deny", logging.WARNING, "%s: denied by %sallow/deny; closed",
                          client_address[0], "tls_" if tls else "")
         return False
@@ -2263,8 +2994,9 @@ class Proxy(object):
         with self.lock:
             sessions = list(self.sessions)
         for session in sessions:
+            member = session.member         # read once: a worker may be giving it back
             log.warning("%s: closing session %s on %s: %s", session.client_name, printable(session.request_url),
-                        session.member.name if session.member else "-", reason)
+                        member.name if member else "-", reason)
             session.abort(reason)
         return len(sessions)
 
@@ -2281,19 +3013,20 @@ class Proxy(object):
     def limited_log(self, key, level, message, *args):
         """Log at most 10 lines per 10 s for *key*, then say how many were left out."""
         now = time.monotonic()
+        said = []
         with self.lock:
             start, shown, dropped = self.log_windows.get(key, (now, 0, 0))
             if now - start >= 10:
                 if dropped:
-                    log.log(level, "%d similar messages not logged in the last %.0fs", dropped, now - start)
+                    said.append((level, "%d similar messages not logged in the last %.0fs", (dropped, now - start)))
                 start, shown, dropped = now, 0, 0
             if shown < 10:
                 shown += 1
+                said.append((level, message, args))
             else:
                 dropped += 1
             self.log_windows[key] = (start, shown, dropped)
-        if not dropped:
-            log.log(level, message, *args)
+        self._say(said)
 
     # -- status and metrics ------------------------------------------------
 
@@ -2402,42 +3135,127 @@ class StatsServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
 ###############################################################################
 
 
-def setup_logging(settings, daemon=False):
-    """Send the log where *settings* say (syslog instead of stderr for a daemon).
+class LogQueue(logging.handlers.QueueHandler):
+    """The agiproxy logger's only handler: records go to a bounded queue that one
+    thread (a QueueListener) writes out, so that a stalled stderr pipe, syslog
+    socket or disk never holds up a session.  When the queue is full records are
+    dropped and counted (agiproxy_log_dropped_total); the first record that fits
+    again is preceded by a line saying how many were lost."""
 
-    Called again on SIGHUP: a log file that stays the same is reopened in place
-    (for logrotate) under the handler's lock, so no line is lost or written to
-    the rotated file; a new target gets its handler before the old one goes."""
-    target = "syslog" if daemon and settings.log == "stderr" else settings.log
-    log.setLevel(settings.log_level.upper())
-    log.propagate = False
-    current = log.handlers[0] if len(log.handlers) == 1 else None
-    if current is not None and getattr(current, "agiproxy_target", None) == target:
-        if isinstance(current, logging.FileHandler):
-            stream = current._open()      # first: if it fails, the old file goes on
-            current.acquire()
-            try:
-                current.stream, old = stream, current.stream
-            finally:
-                current.release()
-            old.close()
-        return
+    def __init__(self):
+        logging.handlers.QueueHandler.__init__(self, queue.Queue(LOG_QUEUE_SIZE))
+        self.dropped = 0
+        self.unreported = 0
+
+    def enqueue(self, record):     # called with the handler's lock held
+        try:
+            if self.unreported:
+                self.queue.put_nowait(self.prepare(logging.makeLogRecord({
+                    "name": record.name, "levelno": logging.WARNING, "levelname": "WARNING",
+                    "msg": "%d log lines dropped: the log could not keep up" % self.unreported})))
+                self.unreported = 0
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+            self.unreported += 1
+
+
+class LogWriter(object):
+    """The log's one writer thread and its target handler, swapped on SIGHUP."""
+
+    def __init__(self, handler):
+        self.queue_handler = LogQueue()
+        self.listener = logging.handlers.QueueListener(self.queue_handler.queue, handler)
+        self.pid = os.getpid()
+        self.listener.start()
+
+    @property
+    def handler(self):
+        return self.listener.handlers[0]
+
+    def swap(self, handler):
+        old, self.listener.handlers = self.handler, (handler,)
+        old.close()
+
+    def stop(self):
+        """Write out what is queued, then end the thread."""
+        self.listener.stop()
+
+
+_writer = None
+
+
+def _open_log_handler(target):
+    """The handler that writes to *target* (stderr, syslog or a file); raise OSError if it cannot."""
     if target == "stderr":
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s agiproxy[%(process)d] %(levelname)s %(message)s"))
     elif target == "syslog":
-        address = "/dev/log" if os.path.exists("/dev/log") else "/var/run/syslog"
+        address = next((path for path in ("/dev/log", "/var/run/syslog") if os.path.exists(path)), None)
+        if address is None:
+            raise OSError(errno.ENOENT, "no syslog socket (/dev/log): is a syslog daemon running? "
+                                        "Use log = stderr or log = /path/to/file")
         handler = logging.handlers.SysLogHandler(address, logging.handlers.SysLogHandler.LOG_DAEMON)
+        if getattr(handler, "socket", None) is None:    # 3.11+ may defer the connect: try it now
+            handler.close()
+            raise OSError(errno.ECONNREFUSED, "cannot connect to the syslog socket %s" % address)
         handler.setFormatter(logging.Formatter("agiproxy[%(process)d]: %(levelname)s %(message)s"))
     else:
         handler = logging.FileHandler(target)
         handler.setFormatter(logging.Formatter("%(asctime)s agiproxy[%(process)d] %(levelname)s %(message)s"))
     handler.agiproxy_target = target
-    old_handlers = list(log.handlers)
-    log.addHandler(handler)
-    for old in old_handlers:
+    return handler
+
+
+def log_target(settings, daemon=False):
+    """Where the log goes: as configured, but syslog instead of stderr for a daemon."""
+    return "syslog" if daemon and settings.log == "stderr" else settings.log
+
+
+def setup_logging(settings, daemon=False, queued=True):
+    """Send the log where *settings* say (syslog instead of stderr for a daemon); raise
+    OSError, naming what is missing, when that cannot be opened.  *queued* False writes
+    directly, without the writer thread (before --daemon forks: a fork copies no thread).
+
+    Called again on SIGHUP: a log file that stays the same is reopened in place
+    (for logrotate) under the handler's lock, so no line is lost or written to
+    the rotated file; a new target's handler replaces the old one in the writer."""
+    global _writer
+    target = log_target(settings, daemon)
+    log.setLevel(settings.log_level.upper())
+    log.propagate = False
+    if _writer is not None and _writer.pid == os.getpid():
+        current = _writer.handler
+        if getattr(current, "agiproxy_target", None) == target:
+            if isinstance(current, logging.FileHandler):
+                stream = current._open()      # first: if it fails, the old file goes on
+                current.acquire()
+                try:
+                    current.stream, old = stream, current.stream
+                finally:
+                    current.release()
+                old.close()
+            return
+        _writer.swap(_open_log_handler(target))
+        return
+    handler = _open_log_handler(target)
+    if queued:
+        _writer = LogWriter(handler)     # first start, or the daemon after its fork
+        handler = _writer.queue_handler
+    for old in list(log.handlers):
         log.removeHandler(old)
-        old.close()
+    log.addHandler(handler)
+
+
+def log_dropped():
+    """Log records dropped so far because the log could not keep up."""
+    return _writer.queue_handler.dropped if _writer is not None else 0
+
+
+def stop_logging():
+    """Write out every queued record (at exit)."""
+    if _writer is not None and _writer.pid == os.getpid():
+        _writer.stop()
 
 
 def raise_open_file_limit():
@@ -2573,12 +3391,12 @@ def run_until_stopped(proxy, config_path, wake_read):
                     log.warning("stopping: no longer accepting; waiting for %d sessions%s", len(proxy.sessions),
                                 " for up to %gs" % timeout if timeout else "")
             if proxy.draining:
-                if not proxy.sessions and not proxy.accepting:
+                if not proxy.sessions:
                     log.warning("all sessions ended; exiting")
                     return
                 if deadline is not None and time.monotonic() >= deadline:
                     proxy.abort_sessions("drain_timeout = %gs reached" % proxy.settings.drain_timeout)
-                    proxy.wait_sessions(FLUSH_TIMEOUT + 1)
+                    proxy.wait_sessions(FAILURE_REPLY_TIMEOUT + 1)
                     return
 
 
@@ -2740,9 +3558,19 @@ def main(argv=None):
 def serve(config, args):
     """Run the proxy until a stop signal; return the exit status."""
     try:
-        setup_logging(config.settings)
+        return _serve(config, args)
+    finally:
+        stop_logging()      # every queued line is written before the process exits
+
+
+def _serve(config, args):
+    try:
+        setup_logging(config.settings, queued=not args.daemon)
+        if args.daemon:     # said here, while stderr is still the terminal, not after detaching
+            _open_log_handler(log_target(config.settings, daemon=True)).close()
     except OSError as exc:
-        sys.stderr.write("agiproxy: %s: log = %s: %s\n" % (args.config, config.settings.log, describe_error(exc)))
+        sys.stderr.write("agiproxy: %s: log = %s: %s\n" % (args.config, log_target(config.settings, args.daemon),
+                                                           describe_error(exc)))
         return 2
     threading.stack_size(THREAD_STACK_SIZE)
     files = raise_open_file_limit()
@@ -2769,8 +3597,13 @@ def serve(config, args):
         if report:
             report(1)
         return 1
-    log.info("agiproxy %s on Python %s: %d routes, %d pools; open-file limit %d allows about %d sessions",
-             __version__, sys.version.split()[0], len(config.routes), len(config.pools), files, (files - 64) // 2)
+    allowed = max(0, (files - 64) // 2)        # two descriptors a session, a few for the rest
+    wanted = max(config.settings.max_sessions, SESSIONS_FLOOR)
+    log.log(logging.WARNING if allowed < wanted else logging.INFO,
+            "agiproxy %s on Python %s: %d routes, %d pools; open-file limit %d allows about %d sessions%s",
+            __version__, sys.version.split()[0], len(config.routes), len(config.pools), files, allowed,
+            "" if allowed >= wanted else " (fewer than %s %d: raise the limit, e.g. LimitNOFILE= or ulimit -n)"
+            % ("max_sessions =" if config.settings.max_sessions >= SESSIONS_FLOOR else "a sane floor of", wanted))
     wake_read = catch_signals(proxy)
     proxy.serve()
     sd_notify("READY=1")
