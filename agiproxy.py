@@ -28,6 +28,7 @@ The whole program is this one file and needs nothing but Python 3.6 or newer.
 import argparse
 import collections
 import errno
+import functools
 import hashlib
 import heapq
 import ipaddress
@@ -81,10 +82,18 @@ DRAIN_ACCEPT_GRACE = 0.1
 ACCEPT_BATCH = 16
 #: Fewer concurrent sessions than this allowed by the open-file limit is worth a warning at start.
 SESSIONS_FLOOR = 100
+#: Asterisk sends its header right after connecting; the relay waits this long
+#: for it before a worker thread takes over the wait (a slow or silent client).
+HEADER_GRACE = 0.05
 #: Log records waiting for the log writer; past this they are dropped and counted.
 LOG_QUEUE_SIZE = 10000
 #: Untrusted text (request URLs, header values) is cut to this many characters in the log.
 LOG_TEXT_LIMIT = 512
+#: The log writer pauses this long after each batch of lines (see LogWriter).
+LOG_BATCH_PAUSE = 0.05
+#: At exit, how long the queued log lines may take to be written: a stalled log
+#: must not keep the process from exiting.
+LOG_STOP_TIMEOUT = 5.0
 #: Stack size of worker threads: they only read a header and connect, and the
 #: default 8 MiB each adds up during a burst of calls.
 THREAD_STACK_SIZE = 512 * 1024
@@ -1299,21 +1308,27 @@ def tune_socket(sock, settings, upstream=False):
     """TCP_NODELAY (AGI is one line at a time) and keepalive, so that a peer host that
     vanished is noticed; toward an upstream also TCP_USER_TIMEOUT, for bytes it never
     acknowledges.  Options the platform lacks are skipped."""
+    for level, option, value in socket_options(settings.tcp_keepalive_idle, settings.tcp_keepalive_interval,
+                                               settings.tcp_keepalive_count,
+                                               settings.tcp_user_timeout if upstream else 0):
+        try:
+            sock.setsockopt(level, option, value)
+        except OSError:
+            pass
+
+
+@functools.lru_cache(maxsize=8)
+def socket_options(keepalive_idle, keepalive_interval, keepalive_count, user_timeout):
+    """tune_socket()'s options, resolved once per configuration (it runs for every connection)."""
     options = [(socket.IPPROTO_TCP, "TCP_NODELAY", 1)]
-    if settings.tcp_keepalive_idle:
+    if keepalive_idle:
         options += [(socket.SOL_SOCKET, "SO_KEEPALIVE", 1),
-                    (socket.IPPROTO_TCP, "TCP_KEEPIDLE", max(1, int(settings.tcp_keepalive_idle))),
-                    (socket.IPPROTO_TCP, "TCP_KEEPINTVL", max(1, int(settings.tcp_keepalive_interval))),
-                    (socket.IPPROTO_TCP, "TCP_KEEPCNT", max(1, settings.tcp_keepalive_count))]
-    if upstream and settings.tcp_user_timeout:
-        options.append((socket.IPPROTO_TCP, "TCP_USER_TIMEOUT", int(settings.tcp_user_timeout * 1000)))
-    for level, name, value in options:
-        option = getattr(socket, name, None)
-        if option is not None:
-            try:
-                sock.setsockopt(level, option, value)
-            except OSError:
-                pass
+                    (socket.IPPROTO_TCP, "TCP_KEEPIDLE", max(1, int(keepalive_idle))),
+                    (socket.IPPROTO_TCP, "TCP_KEEPINTVL", max(1, int(keepalive_interval))),
+                    (socket.IPPROTO_TCP, "TCP_KEEPCNT", max(1, keepalive_count))]
+    if user_timeout:
+        options.append((socket.IPPROTO_TCP, "TCP_USER_TIMEOUT", int(user_timeout * 1000)))
+    return tuple((level, getattr(socket, name), value) for level, name, value in options if hasattr(socket, name))
 
 
 #: Linux's TCP_INFO, for peer_gone(); TCP_CLOSE is the state a reset leaves.
@@ -1643,6 +1658,11 @@ class Session(object):
                                 self.path, self.query,
                                 self.client_name if self.settings.forwarded_for else None) + self.leftover
 
+    def release_header(self):
+        """The header is forwarded: drop it, so that a held call costs what its record needs."""
+        self.header = self.scanner = None
+        self.leftover = b""
+
     # -- the waiting path --------------------------------------------------
 
     def open_blocking(self):
@@ -1846,6 +1866,7 @@ HANGUP_BYTES = b"HANGUP\r\n"
 class Link(object):
     """A session in the relay: its two pipes and the phase it is in.
 
+    HEADER: the client's header is arriving (inline path, for HEADER_GRACE).
     CONNECTING: the upstream connect is under way (inline path).
     RELAYING: both pipes copy bytes; which side spoke last, per chunk, says
     whether a command is in flight (sent by the application, not yet
@@ -1862,8 +1883,8 @@ class Link(object):
     EOF, so a close never resets bytes the peer has not read.
     """
 
-    CONNECTING, RELAYING, FIN_IN_FLIGHT, FAILING, ENDING = \
-        "connecting", "relaying", "fin-in-flight", "failing", "ending"
+    HEADER, CONNECTING, RELAYING, FIN_IN_FLIGHT, FAILING, ENDING = \
+        "header", "connecting", "relaying", "fin-in-flight", "failing", "ending"
     #: Steps of the failure path.
     ANSWER, REPLY, TOLD = "answer", "reply", "told"
 
@@ -1888,12 +1909,12 @@ class Link(object):
         self.scheduled = None       # the earliest deadline in the relay's heap
         self.probe_started = self.probe_step = 0.0
         self.last_chunk = b""       # the application's last bytes, for said_failure()
-
-    def sockets(self):
-        return [s for s in (self.session.client, self.session.upstream) if s is not None]
+        self.timed = bool(self.settings.idle_timeout or self.settings.max_session_time)
 
     def events_for(self, sock):
         """The events the relay must watch on *sock* now."""
+        if self.phase == Link.HEADER:
+            return READ
         if self.phase == Link.CONNECTING:
             return WRITE if sock is self.session.upstream else 0
         events = READ if sock in self.lingering else 0
@@ -1907,8 +1928,12 @@ class Link(object):
     def deadline(self):
         """When the relay must look at this session again, or None."""
         settings, session = self.settings, self.session
+        if self.phase == Link.HEADER:
+            return session.started + HEADER_GRACE
         if self.phase == Link.CONNECTING:
             return session.connect_deadline
+        if self.phase == Link.RELAYING and not (self.timed or self.lingering):
+            return None             # the common case, at every event: nothing to wait for
         times = list(self.lingering.values())
         if self.phase in (Link.RELAYING, Link.FIN_IN_FLIGHT):
             if settings.idle_timeout:
@@ -1925,8 +1950,8 @@ class Link(object):
 
     def finished(self):
         """Both directions done (a SHUT pipe has read its source's EOF) and nothing left to linger on."""
-        return self.phase != Link.CONNECTING and not self.lingering and \
-            all(pipe.state == Pipe.SHUT for pipe in self.pipes)
+        return self.up.state == Pipe.SHUT and self.down.state == Pipe.SHUT and \
+            not self.lingering and self.phase not in (Link.HEADER, Link.CONNECTING)
 
     # -- what the relay saw ------------------------------------------------
 
@@ -2067,8 +2092,8 @@ class Link(object):
             self.lingering[sock] = now + LINGER_TIMEOUT
 
     def after_io(self, now):
-        """Bookkeeping after the relay read or wrote: the probe's start."""
-        if self.phase == Link.FIN_IN_FLIGHT and not self.upstream_spoke_last and not self.up.buffer \
+        """FIN_IN_FLIGHT, after the relay read or wrote: start the probe once Asterisk's answer is written."""
+        if not self.upstream_spoke_last and not self.up.buffer \
                 and self.probe_at is None:
             self.probe_started, self.probe_step = now, FIN_PROBE_STEP
             self.probe_at = now + FIN_PROBE_STEP
@@ -2336,18 +2361,30 @@ class Relay(object):
     # -- opening sessions --------------------------------------------------
 
     def open_inline(self, session):
-        """A plain connection just accepted: open it here if its header is all there."""
+        """A plain connection just accepted: open it here if its header arrives at once
+        (within HEADER_GRACE); else a worker waits for the rest."""
+        session.client.setblocking(False)
+        self._header_input(session, None)
+
+    def _header_input(self, session, link):
+        """Read what the client sent of its header; once it is whole, choose and connect.
+        *link* is the session's HEADER link once it waits in the loop."""
         try:
-            session.client.setblocking(False)
             session.scanner.feed(session.client.recv(8192))
             if session.scanner.done:
                 session.header, session.leftover = session.scanner.result()
         except WOULD_BLOCK:
             pass
         except (HeaderError, OSError, ValueError) as exc:
+            if link is not None:
+                self._forget(link)
             return self.open(session, (BADHEADER, describe_header_error(exc)))
         if session.header is None:
-            return self.proxy.workers.submit(session)
+            if link is None:
+                self._track(Link(session, Link.HEADER))
+            return
+        if link is not None:
+            self._forget(link)
         failure = session.take_header()
         if failure:
             return self.open(session, failure)
@@ -2421,11 +2458,10 @@ class Relay(object):
         """The upstream is connected: send it the header and what followed, then relay."""
         session = link.session
         link.phase = Link.RELAYING
-        link.up = Pipe(session.client, session.upstream)
-        link.down = Pipe(session.upstream, session.client)
-        link.pipes = (link.up, link.down)
+        link.up.sink = link.down.source = session.upstream
         forwarded = session.forwarded()
         link.header_size = len(forwarded) - len(session.leftover)
+        session.release_header()
         link.up.buffer += forwarded
         session.bytes_up += len(forwarded)           # bytes_up counts the forwarded header too
         self._flush(link, link.up, time.monotonic())
@@ -2439,24 +2475,26 @@ class Relay(object):
         if session.abort_reason is not None:
             session.end, session.detail = ABORTED, session.abort_reason
             return self._close(link)
+        if link.phase == Link.HEADER:
+            return self._header_input(session, link)
         if link.phase == Link.CONNECTING:
             return self._connected(link)
-        for pipe in link.pipes:                 # writes first: they make room
-            if pipe.sink is sock and mask & pipe.write_on:
-                self._flush(link, pipe, now)
-        if sock in link.lingering and mask & READ:
+        # the pipe *sock* feeds, and the one that writes to it
+        inbound, outbound = (link.up, link.down) if sock is session.client else (link.down, link.up)
+        if outbound.sink is sock and mask & outbound.write_on:     # writes first: they make room
+            self._flush(link, outbound, now)
+        if mask & READ and sock in link.lingering:
             self._discard(link, sock)
-        for pipe in link.pipes:
-            if pipe.source is sock and pipe.readable() and mask & pipe.read_on:
-                try:
-                    data = pipe.receive()
-                except OSError as exc:
-                    link.lost(sock, exc, now)
-                    continue
-                if data:
-                    link.received(pipe, data, now)
-                elif data is not None:
-                    link.source_ended(pipe, now)
+        if inbound.source is sock and mask & inbound.read_on and inbound.readable():
+            try:
+                data = inbound.receive()
+            except OSError as exc:
+                data = None
+                link.lost(sock, exc, now)
+            if data:
+                link.received(inbound, data, now)
+            elif data is not None:
+                link.source_ended(inbound, now)
         for pipe in link.pipes:
             if pipe.buffer or pipe.state == Pipe.EOF and not pipe.hold:
                 self._flush(link, pipe, now)
@@ -2483,10 +2521,13 @@ class Relay(object):
 
     def _after(self, link):
         """After any change: close a finished link, else watch what it needs and schedule it."""
-        link.after_io(time.monotonic())
+        if link.phase == Link.FIN_IN_FLIGHT:
+            link.after_io(time.monotonic())
         if link.finished():
             return self._close(link)
-        for sock in link.sockets():
+        for sock in (link.session.client, link.session.upstream):
+            if sock is None:
+                continue
             want, have = link.events_for(sock), link.interest.get(sock, 0)
             if want != have:
                 if not have:
@@ -2509,6 +2550,10 @@ class Relay(object):
             link.scheduled = None
             when = link.deadline()
             if when is not None and when <= now:
+                if link.phase == Link.HEADER:       # a slow client: a worker waits for it
+                    self._forget(link)
+                    self.proxy.workers.submit(link.session)
+                    continue
                 if link.phase == Link.CONNECTING:
                     self._forget(link)
                     close_quietly(link.session.upstream)
@@ -3099,6 +3144,8 @@ class Proxy(object):
             out.append("agiproxy_session_duration_seconds_count %d\n" % stats.sessions)
             metric("config_reloads_total", "counter", "Successful configuration reloads.", [((), stats.reloads)])
             metric("config_last_reload_success", "gauge", "1 when the last reload worked.", [((), stats.reload_ok)])
+            metric("log_dropped_total", "counter", "Log lines dropped because the log could not keep up.",
+                   [((), log_dropped())])
         return "".join(out)
 
 
@@ -3137,7 +3184,7 @@ class StatsServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
 class LogQueue(logging.handlers.QueueHandler):
     """The agiproxy logger's only handler: records go to a bounded queue that one
-    thread (a QueueListener) writes out, so that a stalled stderr pipe, syslog
+    thread (a LogWriter) writes out, so that a stalled stderr pipe, syslog
     socket or disk never holds up a session.  When the queue is full records are
     dropped and counted (agiproxy_log_dropped_total); the first record that fits
     again is preceded by a line saying how many were lost."""
@@ -3161,25 +3208,46 @@ class LogQueue(logging.handlers.QueueHandler):
 
 
 class LogWriter(object):
-    """The log's one writer thread and its target handler, swapped on SIGHUP."""
+    """The log's one writer thread and its target handler, swapped on SIGHUP.
+
+    After writing what is queued it pauses for LOG_BATCH_PAUSE, so that the
+    lines of many sessions cost it one wake-up (and the relay one GIL hand-off)
+    instead of one each."""
 
     def __init__(self, handler):
         self.queue_handler = LogQueue()
-        self.listener = logging.handlers.QueueListener(self.queue_handler.queue, handler)
+        self.handler = handler
         self.pid = os.getpid()
-        self.listener.start()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="log", daemon=True)
+        self.thread.start()
 
-    @property
-    def handler(self):
-        return self.listener.handlers[0]
+    def _run(self):
+        records = self.queue_handler.queue
+        while True:
+            record = records.get()
+            while record is not None:
+                self.handler.handle(record)
+                try:
+                    record = records.get_nowait()
+                except queue.Empty:
+                    break
+            else:
+                return
+            self.stopping.wait(LOG_BATCH_PAUSE)
 
     def swap(self, handler):
-        old, self.listener.handlers = self.handler, (handler,)
+        old, self.handler = self.handler, handler
         old.close()
 
     def stop(self):
         """Write out what is queued, then end the thread."""
-        self.listener.stop()
+        self.stopping.set()
+        try:
+            self.queue_handler.queue.put(None, timeout=LOG_STOP_TIMEOUT)
+        except queue.Full:
+            return
+        self.thread.join(LOG_STOP_TIMEOUT)
 
 
 _writer = None

@@ -1030,6 +1030,230 @@ class SessionEndTest(ProxyCase):
         self.ended('end=TIMEOUT why="max_session_time = 0.3s reached')
 
 
+#: Classic BPF: drop every packet.  On a server's accepted socket it makes that
+#: server a vanished host: nothing the proxy sends is acknowledged or answered.
+DROP_ALL = [(0x06, 0, 0, 0)]
+
+
+def read_to_eof(conn, deadline):
+    """Everything *conn* receives until its peer's FIN."""
+    data = b""
+    while True:
+        conn.settimeout(max(deadline - time.monotonic(), 0.001))
+        chunk = conn.recv(4096)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def half_closing_app(conn, header, server):
+    """Sends two commands, shuts its write side, then reads the replies to their end."""
+    conn.sendall(b"ANSWER\nSET VARIABLE X 1\n")
+    conn.shutdown(socket.SHUT_WR)
+    with server.lock:
+        server.replies.append(read_to_eof(conn, time.monotonic() + TIMEOUT))
+
+
+class RelayFaultTest(ProxyCase):
+    """No byte lost, no failure hidden: half-closes, lingering closes, upstreams lost mid-call."""
+
+    def proxy_for(self, upstream, extra=""):
+        return self.proxy(BASIC.replace("listen = 127.0.0.1:0", "listen = 127.0.0.1:0\n" + extra), upstream)
+
+    def access_line(self, fragment):
+        wait_until(lambda: any(fragment in m for m in LOG.messages() if m.startswith("session ")),
+                   message="an access line with %r" % fragment)
+
+    def test_a_half_close_reaches_the_application_as_it_would_directly(self):
+        upstream = self.server(behaviour=half_closing_app)
+        direct = asterisk(upstream.port)
+        wait_until(lambda: len(upstream.replies) == 1, message="the direct session's replies")
+        proxy = self.proxy_for(upstream)
+        proxied = asterisk(self.port(proxy))
+        wait_until(lambda: len(upstream.replies) == 2, message="the proxied session's replies")
+        self.assertEqual(upstream.replies[0], b"200 result=0\n200 result=0\nHANGUP\n")
+        self.assertEqual(upstream.replies[1], upstream.replies[0])
+        self.assertEqual(proxied, direct)
+        self.assertIdle(proxy)
+
+    def test_the_session_ends_without_a_reset_toward_asterisk(self):
+        upstream = self.server()
+        proxy = self.proxy_for(upstream)
+        sock = socket.create_connection(("127.0.0.1", self.port(proxy)), TIMEOUT)
+        self.addCleanup(sock.close)
+        sock.sendall(trace_header("a-plain"))
+        deadline = time.monotonic() + TIMEOUT
+        rest = b""
+        for _ in SERVED:
+            line, rest = agiproxy.read_line(sock, deadline, rest)
+            sock.sendall(b"200 result=0\n")
+        self.assertEqual(read_to_eof(sock, deadline), rest)
+        sock.sendall(b"HANGUP\n")               # as Asterisk does after the script's end
+        sock.shutdown(socket.SHUT_WR)
+        self.access_line('end=COMPLETED why="upstream closed"')
+        self.assertIdle(proxy)
+        sock.settimeout(TIMEOUT)
+        self.assertEqual(sock.recv(1), b"")     # a reset would raise ConnectionResetError here
+        self.assertEqual(upstream.replies, [[b"200 result=0\n"] * 2])
+
+    def test_an_upstream_reset_between_commands_tells_asterisk(self):
+        def crash(conn, header, server):
+            server.run_script(conn, ["ANSWER"])
+            linger0(conn)
+        upstream = self.server(behaviour=crash)
+        proxy = self.proxy_for(upstream)
+        self.assertEqual(asterisk(self.port(proxy)),
+                         ([b"ANSWER", b"SET VARIABLE AGIPROXY_STATUS UPSTREAMLOST"], True, "UPSTREAMLOST"))
+        self.access_line("end=UPSTREAMLOST")
+        self.assertIdle(proxy)
+
+    def failing_links(self, proxy):
+        return [link for link in list(proxy.relay.links) if link.phase == agiproxy.Link.FAILING]
+
+    def test_a_command_in_flight_is_answered_before_asterisk_is_told(self):
+        crashed = threading.Event()
+
+        def crash(conn, header, server):
+            conn.sendall(b"GET VARIABLE X\n")
+            linger0(conn)
+            crashed.set()
+        upstream = self.server(behaviour=crash)
+        proxy = self.proxy_for(upstream)
+        sock = socket.create_connection(("127.0.0.1", self.port(proxy)), TIMEOUT)
+        self.addCleanup(sock.close)
+        sock.sendall(trace_header("a-plain"))
+        deadline = time.monotonic() + TIMEOUT
+        line, rest = agiproxy.read_line(sock, deadline)
+        self.assertEqual(line, b"GET VARIABLE X\n")
+        wait_until(crashed.is_set, message="the application to crash")
+        wait_until(lambda: self.failing_links(proxy), message="the proxy to see the reset")
+        sock.setblocking(False)
+        self.assertRaises(BlockingIOError, sock.recv, 1)    # never pipelined before the answer
+        sock.setblocking(True)
+        sock.sendall(b"200 result=1 (x)\n")
+        line, rest = agiproxy.read_line(sock, deadline, rest)
+        self.assertEqual(line, b"SET VARIABLE AGIPROXY_STATUS UPSTREAMLOST\n")
+        sock.sendall(b"200 result=1\n")
+        line, rest = agiproxy.read_line(sock, deadline, rest)
+        self.assertEqual(line, b"FAILURE\n")
+        self.assertEqual(read_to_eof(sock, deadline), rest)
+        sock.close()
+        self.assertIdle(proxy)
+
+    def vanishing_app(self, after_commands):
+        """An application whose host vanishes (drops every packet) after *after_commands*."""
+        def behaviour(conn, header, server):
+            server.run_script(conn, after_commands)
+            self.assertTrue(agiproxy.attach_filter(conn, DROP_ALL))
+            if not after_commands:
+                conn.sendall(b"GET VARIABLE X\n")   # in flight: the proxy writes the answer into the void
+            server.release.wait(TIMEOUT)
+        return behaviour
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "needs socket filters and TCP_KEEPIDLE")
+    def test_a_vanished_host_is_found_by_keepalive_during_a_silent_call(self):
+        upstream = self.server(behaviour=self.vanishing_app(["ANSWER"]))
+        proxy = self.proxy_for(upstream, "tcp_keepalive_idle = 1\ntcp_keepalive_interval = 1\n"
+                                         "tcp_keepalive_count = 1\ntcp_user_timeout = 0")
+        started = time.monotonic()
+        self.assertEqual(asterisk(self.port(proxy)),
+                         ([b"ANSWER", b"SET VARIABLE AGIPROXY_STATUS UPSTREAMLOST"], True, "UPSTREAMLOST"))
+        self.assertLess(time.monotonic() - started, 8)
+        self.access_line("end=UPSTREAMLOST")
+        self.assertIdle(proxy)
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "needs socket filters and TCP_USER_TIMEOUT")
+    def test_an_unacknowledged_answer_is_found_by_the_user_timeout(self):
+        upstream = self.server(behaviour=self.vanishing_app([]))
+        proxy = self.proxy_for(upstream, "tcp_keepalive_idle = 0\ntcp_user_timeout = 1")
+        started = time.monotonic()
+        self.assertEqual(asterisk(self.port(proxy)),
+                         ([b"GET VARIABLE X", b"SET VARIABLE AGIPROXY_STATUS UPSTREAMLOST"], True, "UPSTREAMLOST"))
+        self.assertLess(time.monotonic() - started, 8)
+        self.assertIdle(proxy)
+
+    def test_report_lost_no_closes_as_1_0_did(self):
+        def crash(conn, header, server):
+            server.run_script(conn, ["ANSWER"])
+            linger0(conn)
+        upstream = self.server(behaviour=crash)
+        proxy = self.proxy(BASIC.replace("servers =", "report_lost = no\nservers ="), upstream)
+        self.assertEqual(asterisk(self.port(proxy)), ([b"ANSWER"], False, None))
+        self.access_line("end=UPSTREAMLOST")
+        self.assertIdle(proxy)
+
+    def test_an_over_long_request_makes_a_bounded_log_line(self):
+        upstream = self.server()
+        proxy = self.proxy_for(upstream)
+        url = b"agi://127.0.0.1/" + b"\xff" * 60000
+        big = trace_header("a-plain").replace(b"agi_request: agi://127.0.0.1:4600/path/script?x=1&y=2",
+                                              b"agi_request: " + url)
+        self.assertIn(url, big)
+        asterisk(self.port(proxy), big)
+        self.assertIdle(proxy)
+        lines = [m for m in LOG.messages() if m.startswith("session ")]
+        self.assertTrue(lines)
+        # LOG_TEXT_LIMIT characters, each escaped in at most 6 (\udcff): 3 KB, not 360 KB
+        self.assertLess(max(len(m) for m in lines), 6 * agiproxy.LOG_TEXT_LIMIT + 400, lines[-1][:300])
+        self.assertIn("more)", lines[-1])
+
+
+SIGKILLED_APP = r"""
+import socket, sys
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(8)
+sys.stdout.write("%d\n" % listener.getsockname()[1])
+sys.stdout.flush()
+conn, _ = listener.accept()
+data = b""
+while b"\n\n" not in data:
+    data += conn.recv(4096)
+conn.sendall(b"GET VARIABLE X\n")
+sys.stdout.write("sent\n")
+sys.stdout.flush()
+sys.stdin.read()        # until killed
+"""
+
+
+class KilledApplicationTest(ProxyCase):
+    """A FastAGI process killed with a command in flight: its kernel sends a FIN, then
+    resets Asterisk's answer.  The dialplan learns it (UPSTREAMLOST)."""
+
+    def killed_session(self, extra=""):
+        app = subprocess.Popen([sys.executable, "-c", SIGKILLED_APP], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, universal_newlines=True)
+        self.addCleanup(lambda: (app.poll() is None and app.kill(), app.wait(TIMEOUT), app.stdin.close(),
+                                 app.stdout.close()))
+        port = int(app.stdout.readline())
+        proxy = self.proxy(BASIC.replace("servers =", extra + "\nservers =") % port)
+        sock = socket.create_connection(("127.0.0.1", self.port(proxy)), TIMEOUT)
+        self.addCleanup(sock.close)
+        sock.sendall(trace_header("a-plain"))
+        deadline = time.monotonic() + TIMEOUT
+        line, rest = agiproxy.read_line(sock, deadline)
+        self.assertEqual(line, b"GET VARIABLE X\n")
+        self.assertEqual(app.stdout.readline(), "sent\n")
+        app.kill()
+        app.wait(TIMEOUT)
+        wait_until(lambda: any(link.phase == agiproxy.Link.FIN_IN_FLIGHT for link in list(proxy.relay.links)),
+                   message="the proxy to see the FIN with a command in flight")
+        sock.sendall(b"200 result=1 (x)\n")
+        line, rest = agiproxy.read_line(sock, deadline, rest)
+        self.assertEqual(line, b"SET VARIABLE AGIPROXY_STATUS UPSTREAMLOST\n")
+        sock.sendall(b"200 result=1\n")
+        tail = read_to_eof(sock, deadline)
+        sock.close()
+        self.assertIdle(proxy)
+        return rest + tail
+
+    def test_killed_with_a_command_in_flight_sets_the_status(self):
+        self.assertEqual(self.killed_session(), b"")        # fin_in_flight = success: no FAILURE
+
+    def test_fin_in_flight_failure_ends_with_failure(self):
+        self.assertEqual(self.killed_session("fin_in_flight = failure"), b"FAILURE\n")
+
+
 class FailoverTest(ProxyCase):
 
     def test_refused_server_is_skipped_and_remembered(self):
@@ -3304,6 +3528,9 @@ class ReloadUnderLoadTest(ProgramCase):
         self.assertTrue(all(r == LOOP_REPLIES for r in replies))
         self.assertGreater(len(one.headers), 0)
         self.assertGreater(len(two.headers), 0)
+        # the log has its own writer thread: its last lines may follow by a moment
+        wait_until(lambda: self.log_text().count("configuration reloaded") >= reloads,
+                   message="a log line for every reload")
         text = self.log_text()
         self.assertEqual(text.count("configuration reloaded"), reloads)
         self.assertNotIn("reload failed", text)
