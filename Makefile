@@ -43,8 +43,10 @@ test:
 check:
 	$(PYTHON) agiproxy.py -c $(CONFIG) --check
 
+# A/B of this checkout against BENCH_BASE (agiproxy 1.0 by default), several rounds
+BENCH_BASE ?= 6e2e3fc
 bench:
-	$(PYTHON) bench/bench.py $(BENCH_ARGS)
+	$(PYTHON) bench/ab.py --base $(BENCH_BASE) $(BENCH_ARGS)
 
 install:
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/etc

@@ -14,6 +14,7 @@ import collections
 import errno
 import logging
 import os
+import queue
 import random
 import re
 import select
@@ -3761,6 +3762,102 @@ class DrainTest(ProgramCase):
         self.assertEqual(self.wait_exit(), 0)
         client.join(TIMEOUT)
         self.assertEqual(client.result.commands, [b"ANSWER", b"GET VARIABLE CHANNEL"])
+
+
+class StalledLogTest(ProgramCase):
+    """Issue 9 item 1: a log nobody reads (stderr on a full pipe) never stops a call."""
+
+    def test_calls_go_on_while_stderr_is_a_full_pipe(self):
+        upstream = self.server()
+        with open(self.conf, "w") as handle:
+            handle.write("[agiproxy]\nlisten = 127.0.0.1:%d\nlog = stderr\n" % self.port + DrainTest.POOL % upstream.port)
+        child = subprocess.Popen([sys.executable, PROGRAM, "-c", self.conf], stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=self.env())
+        self.addCleanup(lambda: (self.kill(child), child.stderr.close()))
+        wait_until(lambda: not connect_refused(self.port), message="the proxy to listen")
+        errors, done = [], []
+
+        def calls(count):
+            try:
+                for _ in range(count):
+                    if asterisk(self.port).commands != SERVED:
+                        errors.append("a call was not served")
+                    done.append(1)
+            except Exception as exc:
+                errors.append(repr(exc))
+        # ~250 bytes per access line: 1,500 calls are six times what a 64 KiB pipe holds
+        threads = [threading.Thread(target=calls, args=(375,)) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(TIMEOUT * 6)
+        self.assertEqual(errors, [])
+        self.assertEqual(len(done), 1500)
+        started = time.monotonic()
+        self.assertEqual(asterisk(self.port).commands, SERVED)
+        self.assertLess(time.monotonic() - started, 2.0)
+        self.assertIsNone(child.poll())
+        head = child.stderr.read(4096)          # reading unblocks the writer: the log goes on
+        self.assertIn(b"listening on", head)
+
+
+class LogQueueTest(unittest.TestCase):
+    """The log queue drops what does not fit, counts it, and says so once there is room."""
+
+    def test_a_full_queue_drops_and_reports(self):
+        handler = agiproxy.LogQueue()
+        handler.queue = queue.Queue(2)
+        logger = logging.getLogger("agiproxy-test-queue")
+        logger.propagate = False
+        logger.addHandler(handler)
+        self.addCleanup(logger.removeHandler, handler)
+        for number in range(5):
+            logger.warning("line %d", number)
+        self.assertEqual(handler.dropped, 3)
+        self.assertEqual([handler.queue.get_nowait().getMessage() for _ in range(2)], ["line 0", "line 1"])
+        logger.warning("line 5")
+        self.assertEqual([handler.queue.get_nowait().getMessage() for _ in range(2)],
+                         ["3 log lines dropped: the log could not keep up", "line 5"])
+        self.assertEqual(handler.dropped, 3)
+
+
+class DrainLoopTest(ProgramCase):
+    """Issue 9 item 5: calls in a tight loop across SIGTERM are served or refused, never reset."""
+
+    def test_no_call_is_lost_across_a_drain(self):
+        upstream = self.server()
+        self.write_config(DrainTest.POOL % upstream.port)
+        self.start()
+        served, casualties, refused = [], [], []
+        header = program_header("loop")
+
+        def loop():
+            deadline = time.monotonic() + TIMEOUT
+            while time.monotonic() < deadline:
+                try:
+                    transcript = asterisk(self.port, header)
+                except ConnectionRefusedError:
+                    refused.append(1)
+                    return
+                except OSError as exc:
+                    if exc.errno == errno.ECONNREFUSED:
+                        refused.append(1)
+                        return
+                    casualties.append(repr(exc))
+                    continue
+                (served if transcript.commands == SERVED else casualties).append(transcript)
+
+        threads = [threading.Thread(target=loop) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: len(served) >= 100, message="calls to flow")
+        self.signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(TIMEOUT * 2)
+        self.assertEqual(self.wait_exit(), 0)
+        self.assertEqual(casualties, [])
+        self.assertEqual(len(refused), 4)
+        self.assertEqual(len(upstream.headers), len(served))
 
 
 class MetricsEndpointTest(ProgramCase):
