@@ -1207,6 +1207,9 @@ def forwarded_header(header, request, route, pool, server, path, query, forwarde
 #: poll() where the platform has it: select() fails on descriptors past 1024.
 Selector = getattr(selectors, "PollSelector", selectors.SelectSelector)
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+#: Linux gives an accepted socket the listening socket's TCP options (NODELAY,
+#: keepalive), so they are set once on the listener instead of per connection.
+OPTIONS_INHERITED = sys.platform.startswith("linux")
 #: errno values that mean this process, not the peer, ran short.
 LOCAL_SHORTAGE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 #: What a non-blocking read or write raises when it would have to wait.
@@ -1798,6 +1801,7 @@ class Pipe(object):
         self.hold = source is None
         self.sent = 0
         self.read_on, self.write_on = READ, WRITE
+        self.tls = isinstance(source, ssl.SSLSocket)
 
     def readable(self):
         return self.state == Pipe.OPEN and len(self.buffer) < RELAY_BUFFER_LIMIT
@@ -1816,9 +1820,9 @@ class Pipe(object):
         if not data:
             self.state = Pipe.EOF
             return data
-        pending = getattr(self.source, "pending", None)
-        while pending and pending():        # decrypted TLS bytes that no event would announce
-            data += self.source.recv(RELAY_CHUNK)
+        if self.tls:
+            while self.source.pending():    # decrypted TLS bytes that no event would announce
+                data += self.source.recv(RELAY_CHUNK)
         return data
 
     def flush(self):
@@ -2481,24 +2485,38 @@ class Relay(object):
             return self._connected(link)
         # the pipe *sock* feeds, and the one that writes to it
         inbound, outbound = (link.up, link.down) if sock is session.client else (link.down, link.up)
+        if mask == READ and link.phase == Link.RELAYING and not (outbound.buffer or inbound.buffer):
+            # the common event, a line from either side, without the bookkeeping of the rest
+            data = self._receive(link, inbound, now)
+            if data:
+                self._flush(link, inbound, now)
+                if not inbound.buffer and link.phase == Link.RELAYING:
+                    return          # all written: both sockets still want READ only
+            return self._after(link)
         if outbound.sink is sock and mask & outbound.write_on:     # writes first: they make room
             self._flush(link, outbound, now)
         if mask & READ and sock in link.lingering:
             self._discard(link, sock)
         if inbound.source is sock and mask & inbound.read_on and inbound.readable():
-            try:
-                data = inbound.receive()
-            except OSError as exc:
-                data = None
-                link.lost(sock, exc, now)
-            if data:
-                link.received(inbound, data, now)
-            elif data is not None:
-                link.source_ended(inbound, now)
+            self._receive(link, inbound, now)
         for pipe in link.pipes:
             if pipe.buffer or pipe.state == Pipe.EOF and not pipe.hold:
                 self._flush(link, pipe, now)
         self._after(link)
+
+    @staticmethod
+    def _receive(link, pipe, now):
+        """Read *pipe*'s source and tell the link what came: bytes, an EOF, or a failure."""
+        try:
+            data = pipe.receive()
+        except OSError as exc:
+            link.lost(pipe.source, exc, now)
+            return None
+        if data:
+            link.received(pipe, data, now)
+        elif data is not None:
+            link.source_ended(pipe, now)
+        return data
 
     @staticmethod
     def _flush(link, pipe, now):
@@ -2620,6 +2638,7 @@ class AgiListener(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.request_queue_size = backlog
         self.accept_pause = 0.0
+        self.tuned = None           # the settings the listening socket's TCP options are from
         socketserver.TCPServer.__init__(self, address, AgiHandler)
 
     @property
@@ -2637,7 +2656,11 @@ class AgiListener(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def process_request(self, request, client_address):
         """In the relay thread: open the session inline, or give it to a worker."""
         proxy = self.proxy
-        tune_socket(request, proxy.settings)
+        if not OPTIONS_INHERITED or self.tuned is not proxy.settings:
+            tune_socket(request, proxy.settings)
+            if OPTIONS_INHERITED:       # once per configuration: the next ones inherit it
+                tune_socket(self.socket, proxy.settings)
+                self.tuned = proxy.settings
         session = Session(proxy, request, client_address, self)
         proxy.session_started(session)
         try:
@@ -3184,7 +3207,7 @@ class StatsServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
 class LogQueue(logging.handlers.QueueHandler):
     """The agiproxy logger's only handler: records go to a bounded queue that one
-    thread (a LogWriter) writes out, so that a stalled stderr pipe, syslog
+    thread (a QueueListener, LogWriter) writes out, so that a stalled stderr pipe, syslog
     socket or disk never holds up a session.  When the queue is full records are
     dropped and counted (agiproxy_log_dropped_total); the first record that fits
     again is preceded by a line saying how many were lost."""
@@ -3207,47 +3230,42 @@ class LogQueue(logging.handlers.QueueHandler):
             self.unreported += 1
 
 
-class LogWriter(object):
+class LogWriter(logging.handlers.QueueListener):
     """The log's one writer thread and its target handler, swapped on SIGHUP.
 
-    After writing what is queued it pauses for LOG_BATCH_PAUSE, so that the
-    lines of many sessions cost it one wake-up (and the relay one GIL hand-off)
-    instead of one each."""
+    Once the queue is empty it pauses for LOG_BATCH_PAUSE before waiting for
+    more, so that the lines of many sessions cost it one wake-up (and the
+    relay one GIL hand-off) instead of one each."""
 
     def __init__(self, handler):
         self.queue_handler = LogQueue()
-        self.handler = handler
+        logging.handlers.QueueListener.__init__(self, self.queue_handler.queue, handler)
         self.pid = os.getpid()
         self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="log", daemon=True)
-        self.thread.start()
+        self.start()
 
-    def _run(self):
-        records = self.queue_handler.queue
-        while True:
-            record = records.get()
-            while record is not None:
-                self.handler.handle(record)
-                try:
-                    record = records.get_nowait()
-                except queue.Empty:
-                    break
-            else:
-                return
+    @property
+    def handler(self):
+        return self.handlers[0]
+
+    def dequeue(self, block):
+        if self.queue.empty():
             self.stopping.wait(LOG_BATCH_PAUSE)
+        return self.queue.get(block)
 
     def swap(self, handler):
-        old, self.handler = self.handler, handler
+        old, self.handlers = self.handler, (handler,)
         old.close()
 
     def stop(self):
-        """Write out what is queued, then end the thread."""
+        """Write out what is queued, then end the thread; a stalled log is given up
+        after LOG_STOP_TIMEOUT (QueueListener.stop would wait for ever)."""
         self.stopping.set()
         try:
-            self.queue_handler.queue.put(None, timeout=LOG_STOP_TIMEOUT)
+            self.queue.put(self._sentinel, timeout=LOG_STOP_TIMEOUT)
         except queue.Full:
             return
-        self.thread.join(LOG_STOP_TIMEOUT)
+        self._thread.join(LOG_STOP_TIMEOUT)
 
 
 _writer = None
