@@ -49,6 +49,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import configparser
 import http.server
 
@@ -88,6 +89,11 @@ LOG_TEXT_LIMIT = 512
 #: Stack size of worker threads: they only read a header and connect, and the
 #: default 8 MiB each adds up during a burst of calls.
 THREAD_STACK_SIZE = 512 * 1024
+#: What of a failed hook's stderr is logged: its last lines, from its last bytes.
+HOOK_STDERR_LINES = 5
+HOOK_STDERR_TAIL = 4096
+#: How often a running hook is looked at for its exit when it writes nothing.
+HOOK_POLL_STEP = 0.05
 #: Buckets of the session duration histogram, in seconds.
 DURATION_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 
@@ -655,7 +661,7 @@ class HeaderScanner(object):
         old = len(buffer)
         buffer += chunk
         while self.end < 0:
-            newline = buffer.find(b"\n", self.start)
+            newline = buffer.find(b"\n", max(self.start, old))     # bytes before old hold no newline
             if newline < 0:
                 break
             if newline == self.start or newline == self.start + 1 and buffer[self.start] == 13:
@@ -694,7 +700,12 @@ class AgiHeader(object):
             for number, line in enumerate(text.splitlines(True), 1):
                 if not _HEADER_LINE.fullmatch(line):
                     raise HeaderError("malformed header line %d: %s" % (number, printable(line[:80])))
-        self.variables = dict(reversed(_HEADER_VARIABLE.findall(text)))    # the first of a name wins
+        pairs = _HEADER_VARIABLE.findall(text)
+        self.variables = dict(pairs)
+        if len(self.variables) != len(pairs):   # Asterisk's setup_env never repeats a name: routing
+            seen = set()                        # and a last-one-wins upstream parser would disagree
+            repeated = next(name for name, _ in pairs if name in seen or seen.add(name))
+            raise HeaderError("header repeats %s" % printable(repeated))
 
     @classmethod
     def parse(cls, data):
@@ -870,16 +881,23 @@ class Route(object):
                                  "{host} or a header variable such as {agi_callerid}" % name)
 
     def rewritten(self, request, variables, groups):
-        """Return (path, query) for the upstream: the rewrite template filled in, or the original."""
+        """Return (path, query) for the upstream: the rewrite template filled in, or the original.
+
+        Header variables come from the caller (caller ID is whatever SIP said), so their
+        values are percent-encoded, every byte but ``A-Za-z0-9-._~``: they cannot add a
+        query parameter or a path segment.  ``{path}``, ``{query}``, ``{host}`` and the
+        regex groups are parts of the agi_request URL, already URL text: pasted as they are."""
         if not self.rewrite:
             return request.path, request.query
-        values = dict(variables, path=request.path, query=request.query, host=request.host)
-        values.update(groups)
+        values = dict(groups, path=request.path, query=request.query, host=request.host)
 
         def fill(match):
-            if match.group(1) is None:
+            name = match.group(1)
+            if name is None:
                 return match.group(0)[0]
-            return values.get(match.group(1), "")
+            if name in values:
+                return values[name]
+            return urllib.parse.quote(encode(variables.get(name, "")), safe="~")    # "~": as on 3.7+
 
         path, _, query = _PLACEHOLDER.sub(fill, self.rewrite).partition("?")
         return "/" + path.lstrip("/"), query
@@ -1236,9 +1254,17 @@ def make_server_context(settings):
     return context
 
 
+#: Certificate checks Python 3.13's create_default_context() adds: X.509 strict mode (a
+#: private CA without key usage or a critical basicConstraints is rejected) and partial
+#: chains.  They are cleared, so that verification is the same on 3.6 .. 3.13 and an
+#: interpreter upgrade cannot turn a working upstream into NOUPSTREAM.
+VERIFY_FLAGS_SINCE_313 = getattr(ssl, "VERIFY_X509_STRICT", 0) | getattr(ssl, "VERIFY_X509_PARTIAL_CHAIN", 0)
+
+
 def make_client_context(settings, verify):
     """The TLS context toward a pool's servers; *verify* checks certificate and host name."""
     context = ssl.create_default_context(cafile=settings.tls_ca or None)
+    context.verify_flags &= ~VERIFY_FLAGS_SINCE_313
     _require_tls12(context)
     if not verify:
         context.check_hostname = False
@@ -1489,24 +1515,65 @@ class HealthChecker(threading.Thread):
 
 
 def run_hook(name, argv, timeout):
-    """Run one hook command and wait for it; log failures; kill it after *timeout* seconds."""
+    """Run one hook command and wait for it; kill it after *timeout* seconds.
+
+    The hook leads its own process group, so a shell script's children are
+    killed with it; the last HOOK_STDERR_TAIL bytes of its stderr are logged
+    when it fails."""
     try:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL, close_fds=True)
+                                   stderr=subprocess.PIPE, close_fds=True, start_new_session=True)
     except OSError as exc:
         log.error("%s hook %s could not start: %s", name, argv[0], describe_error(exc))
         return
-    try:
-        code = process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    with process.stderr:
+        tail, timed_out = _stderr_tail(process, time.monotonic() + timeout)
+    if timed_out:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except OSError:
+            pass
         process.wait()
-        log.error("%s hook %s still running after %gs: killed", name, argv[0], timeout)
+        log.error("%s hook %s still running after %gs: killed with its process group%s",
+                  name, argv[0], timeout, _said(tail))
         return
+    code = process.wait()
     if code:
-        log.warning("%s hook %s exited with status %d", name, " ".join(argv), code)
+        log.warning("%s hook %s exited with status %d%s", name, " ".join(argv), code, _said(tail))
     else:
         log.info("%s hook %s done", name, " ".join(argv))
+
+
+def _stderr_tail(process, deadline):
+    """Read *process*'s stderr until it exits or *deadline*; return (its last bytes, timed out?).
+
+    Not until EOF: a child the hook left running in the background may hold the pipe."""
+    tail, reading = b"", True
+    with Selector() as selector:
+        selector.register(process.stderr, READ)
+        while True:
+            exited = process.poll() is not None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 and not exited:
+                return tail, True
+            if reading and selector.select(0 if exited else min(remaining, HOOK_POLL_STEP)):
+                chunk = os.read(process.stderr.fileno(), 4096)
+                tail = (tail + chunk)[-HOOK_STDERR_TAIL:]
+                if not chunk:       # every writer closed it: only the exit is left to wait for
+                    selector.unregister(process.stderr)
+                    reading = False
+            elif exited:
+                return tail, False
+            elif not reading:
+                try:
+                    process.wait(min(remaining, HOOK_POLL_STEP))
+                except subprocess.TimeoutExpired:
+                    pass
+
+
+def _said(tail):
+    lines = decode(tail).strip().splitlines()[-HOOK_STDERR_LINES:]
+    return "; stderr: %s" % printable(" | ".join(lines)) if lines else ""
 
 
 class HookRunner(object):
