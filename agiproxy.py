@@ -50,6 +50,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import weakref
 import configparser
 import http.server
 
@@ -94,6 +95,8 @@ HOOK_STDERR_LINES = 5
 HOOK_STDERR_TAIL = 4096
 #: How often a running hook is looked at for its exit when it writes nothing.
 HOOK_POLL_STEP = 0.05
+#: How long the addresses of an upstream's host name are used before it is resolved again.
+RESOLVE_TTL = 30.0
 #: Buckets of the session duration histogram, in seconds.
 DURATION_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 
@@ -1164,14 +1167,18 @@ class Upstreams(object):
     def __init__(self, config, previous=None):
         self.config = config
         self.states = {}
-        old_states = previous.states if previous else {}
+        # Every ServerState still referenced (by this configuration, an older one or a
+        # session that counts on it): a server removed and re-added while an old session
+        # lives gets its old state back, and max= holds.
+        self.known = previous.known if previous else weakref.WeakValueDictionary()
         old_pools = previous.pools if previous else {}
         self.pools = collections.OrderedDict()
         for name, spec in config.pools.items():
             shared = {}
             for server in spec.servers:
                 key = (server.host, server.port, server.tls)
-                shared[key] = self.states.get(key) or old_states.get(key) or ServerState(*key)
+                shared[key] = self.states.get(key) or self.known.get(key) or ServerState(*key)
+                self.known[key] = shared[key]
             pool = Pool(spec, shared)
             self.states.update(shared)
             if name in old_pools:
@@ -1310,15 +1317,76 @@ def literal_family(host):
     return None
 
 
-def begin_connect(host, port):
-    """Start a non-blocking connect to the IP address *host*; return the socket."""
-    sock = socket.socket(literal_family(host), socket.SOCK_STREAM)
+def begin_connect(host, port, address=None):
+    """Start a non-blocking connect to the IP address *host*, or to *address* (a
+    ``(family, sockaddr)`` from getaddrinfo); return the socket."""
+    family, sockaddr = address or (literal_family(host), (host, port))
+    sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
-    error = sock.connect_ex((host, port))
+    error = sock.connect_ex(sockaddr)
     if error not in (0, errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
         sock.close()
         raise OSError(error, os.strerror(error))
     return sock
+
+
+class Resolver(object):
+    """getaddrinfo() with a deadline.  The C call cannot be interrupted, so it runs in
+    a thread of its own (one per name at a time, shared by every connect waiting
+    for it) and the caller waits for it only until its deadline; an answer is kept
+    RESOLVE_TTL seconds, so a slow resolver costs one wait, not one per call."""
+
+    class Lookup(object):
+        def __init__(self):
+            self.done = threading.Event()
+            self.addresses, self.error = [], None
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.answers = {}           # (host, port) -> (expiry, [(family, sockaddr)])
+        self.lookups = {}           # (host, port) -> Lookup under way
+
+    def resolve(self, host, port, timeout):
+        """Return ``[(family, sockaddr)]`` for *host*; raise socket.timeout after *timeout* seconds."""
+        key, now, start = (host, port), time.monotonic(), False
+        with self.lock:
+            answer = self.answers.get(key)
+            if answer is not None and answer[0] > now:
+                return answer[1]
+            lookup = self.lookups.get(key)
+            if lookup is None:
+                lookup = self.lookups[key] = self.Lookup()
+                start = True
+        if start:
+            try:
+                threading.Thread(target=self._look_up, args=(key, lookup), name="resolve", daemon=True).start()
+            except RuntimeError as exc:     # can't start new thread
+                self._answer(key, lookup, [], OSError(errno.EAGAIN, "cannot resolve %s: %s" % (host, exc)))
+        if not lookup.done.wait(max(timeout, 0)):
+            raise socket.timeout("resolving %s timed out" % host)
+        if lookup.error is not None:
+            raise lookup.error.__class__(*lookup.error.args)   # a copy: other threads raise it too
+        return lookup.addresses
+
+    def _look_up(self, key, lookup):
+        try:
+            found = socket.getaddrinfo(key[0], key[1], 0, socket.SOCK_STREAM)
+            self._answer(key, lookup, [(info[0], info[4]) for info in found], None)
+        except (OSError, UnicodeError) as exc:
+            self._answer(key, lookup, [], exc)
+
+    def _answer(self, key, lookup, addresses, error):
+        now = time.monotonic()
+        with self.lock:
+            del self.lookups[key]
+            if error is None:
+                self.answers = {k: v for k, v in self.answers.items() if v[0] > now}
+                self.answers[key] = (now + RESOLVE_TTL, addresses)
+        lookup.addresses, lookup.error = addresses, error
+        lookup.done.set()
+
+
+RESOLVER = Resolver()
 
 
 def tune_socket(sock, settings, upstream=False):
@@ -1380,24 +1448,18 @@ def refuse_new_connections(listening):
     return attach_filter(listening, DROP_SYN_FILTER)
 
 
-def open_connection(host, port, timeout, tls_context=None, settings=None):
-    """Connect to an upstream within *timeout* seconds (TLS included); return the socket.
+def open_connection(host, port, timeout, tls_context=None, settings=None, address_timeout=None):
+    """Connect to an upstream within *timeout* seconds: name resolution, every address
+    of the name, the TLS handshake; return the socket.  *address_timeout* (default
+    *timeout*) bounds the connect to each address and the handshake.
 
     An IP literal is connected to directly: getaddrinfo() and the IDNA codec
     cost more than the rest of the connect on loopback."""
     deadline = time.monotonic() + timeout
-    if literal_family(host) is None:
-        sock = socket.create_connection((host, port), timeout)
-    else:
-        sock = begin_connect(host, port)
-        try:
-            wait_for(sock, WRITE, timeout)
-            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if error:
-                raise OSError(error, os.strerror(error))
-        except BaseException:
-            sock.close()
-            raise
+    each = min(address_timeout or timeout, timeout)
+    family = literal_family(host)
+    addresses = [(family, (host, port))] if family else RESOLVER.resolve(host, port, timeout)
+    sock = _connect_first(host, port, addresses, deadline, each)
     try:
         if settings is not None:
             tune_socket(sock, settings, upstream=True)
@@ -1405,12 +1467,38 @@ def open_connection(host, port, timeout, tls_context=None, settings=None):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if tls_context is not None:
             sock = tls_context.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
-            tls_handshake(sock, deadline)
+            tls_handshake(sock, min(deadline, time.monotonic() + each))
         sock.setblocking(False)
         return sock
     except BaseException:
         sock.close()
         raise
+
+
+def _connect_first(host, port, addresses, deadline, each):
+    """The first of *addresses* that takes a connect, each given *each* seconds, all by *deadline*."""
+    error = socket.timeout("timed out")
+    for address in addresses:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        try:
+            sock = begin_connect(host, port, address)
+        except OSError as exc:
+            if exc.errno in LOCAL_SHORTAGE:     # ours, not the address's: no point trying the next
+                raise
+            error = exc
+            continue
+        try:
+            wait_for(sock, WRITE, min(each, remaining))
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if not code:
+                return sock
+            error = OSError(code, os.strerror(code))
+        except OSError as exc:
+            error = exc
+        sock.close()
+    raise error
 
 
 def read_line(sock, deadline, buffer=b"", limit=4096):
@@ -1505,9 +1593,10 @@ class HealthChecker(threading.Thread):
         settings = self.pool.settings
         while not self.stopping.is_set():
             for member in self.pool.members:
-                if self.stopping.is_set():
+                why = check_server(member, settings)
+                if self.stopping.is_set():      # stopped meanwhile (a reload): not ours to apply
                     return
-                self.proxy.check_result(self.pool, member, check_server(member, settings))
+                self.proxy.check_result(self.pool, member, why)
             self.stopping.wait(settings.check_interval)
 
     def stop(self):
@@ -1739,8 +1828,8 @@ class Session(object):
             try:
                 if self.attempt_timeout <= 0:
                     raise socket.timeout("connect_budget spent")
-                self.upstream = open_connection(state.host, state.port, self.attempt_timeout,
-                                                self.member.tls_context, self.settings)
+                self.upstream = open_connection(state.host, state.port, self.budget_deadline - time.monotonic(),
+                                                self.member.tls_context, self.settings, self.attempt_timeout)
                 return None
             except (OSError, ValueError) as exc:
                 failure = self.connect_failed(exc)
@@ -2828,10 +2917,12 @@ class Proxy(object):
         for checker in self.checkers:
             checker.start()
 
-    def _stop_checkers(self):
+    def _stop_checkers(self, wait=False):
+        """Stop the health checks; a check under way ends on its own and is not applied.
+        *wait* (at shutdown) joins them; a reload does not, so signals are not held up."""
         for checker in self.checkers:
             checker.stop()
-        for checker in self.checkers:
+        for checker in self.checkers if wait else ():
             checker.join(checker.pool.settings.check_timeout * 2 + 1)
         self.checkers = []
 
@@ -2851,7 +2942,7 @@ class Proxy(object):
     def shutdown(self):
         """Stop everything: listeners, checks, stats endpoint, live sessions and idle workers."""
         self.stop_listening()
-        self._stop_checkers()
+        self._stop_checkers(wait=True)
         if self.stats_server is not None:
             self.stats_server.shutdown()
             self.stats_server.server_close()
