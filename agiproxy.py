@@ -81,6 +81,10 @@ FIN_PROBE_LIMIT = 1.0
 DRAIN_ACCEPT_GRACE = 0.1
 #: Connections accepted in one go before the relay looks at its sessions again.
 ACCEPT_BATCH = 16
+#: max_connections = 0: this share of the open-file limit, within these bounds.
+AUTO_CONNECTIONS_SHARE, AUTO_CONNECTIONS_MIN, AUTO_CONNECTIONS_MAX = 0.25, 16, 1024
+#: Descriptors kept aside from sessions: log file, a health check, a hook, the stats endpoint.
+FD_RESERVE = 8
 #: Fewer concurrent sessions than this allowed by the open-file limit is worth a warning at start.
 SESSIONS_FLOOR = 100
 #: Log records waiting for the log writer; past this they are dropped and counted.
@@ -115,6 +119,7 @@ CLIENTLOST = "CLIENTLOST"       # Asterisk's side reset
 ABORTED = "ABORTED"             # cut by drain_timeout, a second stop signal or a shutdown
 INTERNAL = "INTERNAL"           # a bug, logged with its traceback
 DENIED = "DENIED"               # refused by allow/deny before a byte was read
+REFUSED = "REFUSED"             # max_connections were waiting for a header or a server: closed at accept
 #: How a server ended a session it ended first (passive health).
 FIN, RESET = "fin", "reset"
 
@@ -278,6 +283,7 @@ GLOBAL_OPTIONS = collections.OrderedDict([
     ("header_timeout", (parse_duration, "5")),
     ("max_header_bytes", (parse_count, "65536")),
     ("max_header_lines", (parse_count, "256")),
+    ("max_match_length", (parse_count, "1024")),
     ("connect_timeout", (parse_duration, "2")),
     ("connect_budget", (parse_duration, "4")),
     ("idle_timeout", (parse_duration, "0")),
@@ -288,6 +294,7 @@ GLOBAL_OPTIONS = collections.OrderedDict([
     ("tcp_user_timeout", (parse_duration, "60")),
     ("max_session_time", (parse_duration, "0")),
     ("max_sessions", (parse_count, "0")),
+    ("max_connections", (parse_count, "0")),
     ("failure_variable", (parse_variable_name, "AGIPROXY_STATUS")),
     ("forwarded_for", (parse_boolean, "no")),
     ("log", (text_value, "stderr")),
@@ -846,8 +853,11 @@ class Route(object):
         """True for routes tried in file order before plain path routes."""
         return bool(self.pattern or self.host or self.conditions)
 
-    def match(self, request, variables):
-        """Return the regex groups (possibly empty) when every condition matches, else None."""
+    def match(self, request, variables, limit=0):
+        """Return the regex groups (possibly empty) when every condition matches, else None.
+
+        A value longer than *limit* characters (0: no limit) matches no regex: it
+        is the caller's, and a regex's time can grow fast with its length."""
         if self.path not in (None, "*"):
             path = normalize_path(request.path)
             if path != self.path and not path.startswith(self.path + "/") and self.path != "/":
@@ -855,11 +865,12 @@ class Route(object):
         if self.host is not None and request.host.lower() != self.host.lower():
             return None
         for name, regex in self.conditions:
-            if name not in variables or not regex.search(variables[name]):
+            value = variables.get(name)
+            if value is None or limit and len(value) > limit or not regex.search(value):
                 return None
         groups = {}
         if self.pattern is not None:
-            found = self.pattern.search(request.path)
+            found = None if limit and len(request.path) > limit else self.pattern.search(request.path)
             if not found:
                 return None
             groups["0"] = found.group(0)
@@ -917,8 +928,11 @@ class Router(object):
     3. the ``path = *`` catch-all.
     """
 
-    def __init__(self, routes):
+    def __init__(self, routes, max_match_length=0):
         self.routes = list(routes)
+        self.limit = max_match_length
+        self.tested = sorted({name for route in self.routes for name, _ in route.conditions})
+        self.paths_tested = any(route.pattern is not None for route in self.routes)
         self.conditional = [r for r in self.routes if r.conditional]
         self.by_path = sorted((r for r in self.routes if not r.conditional and r.path != "*"),
                               key=lambda r: (-len(r.path), r.index))
@@ -927,10 +941,36 @@ class Router(object):
     def route(self, request, variables):
         """Return ``(route, groups)`` for the winning route, or ``(None, None)``."""
         for route in self.conditional + self.by_path + self.catch_all:
-            groups = route.match(request, variables)
+            groups = route.match(request, variables, self.limit)
             if groups is not None:
                 return route, groups
         return None, None
+
+    def too_long(self, request, variables):
+        """Names of the values a regex would have been matched against but for max_match_length."""
+        if not self.limit:
+            return []
+        names = [name for name in self.tested if len(variables.get(name, "")) > self.limit]
+        return names + ["the request path"] if self.paths_tested and len(request.path) > self.limit else names
+
+
+#: A quantified group with a quantifier inside, such as ``(\d+)+`` or ``(?:a*b?)*``: on a
+#: long value that almost matches, Python's re backtracks through every way to split it.
+_NESTED_QUANTIFIER = re.compile(r"\((?:[^()\\]|\\.)*(?:[+*}]|[^\\]\?)(?:[^()\\]|\\.)*\)(?:[+*]|\{\d*,)")
+
+
+def regex_warnings(config):
+    """What --check warns of in the routes: conditions whose regex can take exponential time."""
+    found = []
+    for route in config.routes:
+        tests = [("match", route.pattern)] if route.pattern is not None else []
+        for key, regex in tests + route.conditions:
+            nested = _NESTED_QUANTIFIER.search(regex.pattern)
+            if nested:
+                found.append("route %s: %s = %s: the nested quantifier %s can take exponential time on a value "
+                             "that almost matches; write it without repeating a repetition (e.g. \\d+ for (\\d+)+)"
+                             % (route.name, key, regex.pattern, nested.group(0)))
+    return found
 
 
 ###############################################################################
@@ -1184,16 +1224,17 @@ class Upstreams(object):
             if name in old_pools:
                 pool.state = old_pools[name].state
             self.pools[name] = pool
-        self.router = Router(config.routes)
+        self.router = Router(config.routes, config.settings.max_match_length)
 
-    def decide(self, request, header, client_host=""):
-        """Return ``(route, pool, order, upstream_path, upstream_query)``; route is None for no route."""
+    def route(self, request, header):
+        """Return ``(route, pool, upstream_path, upstream_query)``; route is None for no route.
+
+        Pure, and this object does not change once built: no lock is needed (pool.order() needs one)."""
         route, groups = self.router.route(request, header.variables)
         if route is None:
-            return None, None, [], request.path, request.query
-        pool = self.pools[route.pool]
+            return None, None, request.path, request.query
         path, query = route.rewritten(request, header.variables, groups)
-        return route, pool, pool.order(header.variables, client_host), path, query
+        return route, self.pools[route.pool], path, query
 
 
 def forwarded_header(header, request, route, pool, server, path, query, forwarded_for=None):
@@ -1361,7 +1402,7 @@ class Resolver(object):
             try:
                 threading.Thread(target=self._look_up, args=(key, lookup), name="resolve", daemon=True).start()
             except RuntimeError as exc:     # can't start new thread
-                self._answer(key, lookup, [], OSError(errno.EAGAIN, "cannot resolve %s: %s" % (host, exc)))
+                self._answer(key, lookup, [], OSError(errno.ENOMEM, "cannot resolve %s: %s" % (host, exc)))
         if not lookup.done.wait(max(timeout, 0)):
             raise socket.timeout("resolving %s timed out" % host)
         if lookup.error is not None:
@@ -1785,7 +1826,7 @@ class Session(object):
         # neither a connect cut short by the budget nor our own shortage says anything against the server
         judged = not shortage and not (isinstance(exc, socket.timeout) and
                                        self.attempt_timeout < settings.connect_timeout)
-        self.proxy.connect_failed(pool, member, describe_error(exc), trial, judged)
+        self.proxy.connect_failed(pool, member, describe_error(exc), trial, judged, shortage)
         if shortage:
             return OVERLOADED, "cannot connect to %s: %s (agiproxy is short of it, not the server)" % (
                 member.name, describe_error(exc))
@@ -3034,8 +3075,22 @@ class Proxy(object):
                 pass
 
     def decide(self, request, header, client_host):
+        """Return ``(route, pool, order, upstream_path, upstream_query)``; route is None for no route.
+
+        The regexes run outside the lock (they are the caller's to make slow); only the
+        pool's order, which moves its rotation and reads live counts, takes it."""
+        upstreams = self.upstreams      # one configuration for the whole decision, whatever a reload does
+        route, pool, path, query = upstreams.route(request, header)
+        skipped = upstreams.router.too_long(request, header.variables)
+        if skipped:
+            self.limited_log("match_length", logging.WARNING, "%s: %s longer than max_match_length = %d: "
+                             "no regex condition matches it", client_host, ", ".join(skipped),
+                             upstreams.router.limit)
+        if route is None:
+            return None, None, [], path, query
         with self.lock:
-            return self.upstreams.decide(request, header, client_host)
+            order = pool.order(header.variables, client_host)
+        return route, pool, order, path, query
 
     def reserve(self, pool, order, tried):
         """Reserve a slot on the next server of *order*; see Pool.reserve()."""
@@ -3050,12 +3105,14 @@ class Proxy(object):
         self._run_hook(pool, hook)
         return member, reason
 
-    def connect_failed(self, pool, member, why, trial, judged=True):
-        """Give back the slot of a failed connect; *judged*: the failure counts against the server."""
+    def connect_failed(self, pool, member, why, trial, judged=True, shortage=False):
+        """Give back the slot of a failed connect; *judged*: the failure counts against the
+        server; *shortage*: agiproxy's own, not even counted as the server's connect failure."""
         now = time.monotonic()
         said = []
         with self.lock:
-            member.state.connect_failures += 1
+            if not shortage:
+                member.state.connect_failures += 1
             if judged:
                 said = self._mark_down(pool, member, "connect failed: " + why, now, trial)
             elif trial:
@@ -3132,8 +3189,18 @@ class Proxy(object):
             self.stats.failures[reason] += 1
 
     def admit(self, client_address, tls):
-        """The listener ACL: False (and a rate-limited log line) for a denied client."""
+        """The listener ACL and max_connections: False (and a rate-limited log line) for a
+        client to close at once."""
         settings = self.settings
+        limit = connection_limit(settings)
+        with self.lock:
+            waiting = len(self.sessions) - self.active
+            if waiting >= limit:
+                self.stats.failures[REFUSED] += 1
+        if waiting >= limit:
+            self.limited_log("max_connections", logging.WARNING, "%s: %d connections wait for a header or a server "
+                             "(max_connections = %d); closed", client_address[0], waiting, limit)
+            return False
         allow, deny = (settings.tls_allow or settings.allow, settings.tls_deny or settings.deny) if tls \
             else (settings.allow, settings.deny)
         if not allow and not deny:
@@ -3225,6 +3292,8 @@ class Proxy(object):
                    [((), self.active)])
             metric("sessions_total", "counter", "Sessions relayed and ended.", [((), stats.sessions)])
             metric("connections_total", "counter", "Client connections accepted.", [((), stats.connections)])
+            metric("connections_waiting", "gauge", "Connections holding no server slot yet (counted against "
+                   "max_connections).", [((), len(self.sessions) - self.active)])
             metric("failures_total", "counter", "Sessions not relayed, by reason.",
                    [((("reason", r),), n) for r, n in sorted(stats.failures.items())])
             metric("bytes_total", "counter", "Bytes relayed.",
@@ -3414,6 +3483,25 @@ def stop_logging():
     """Write out every queued record (at exit)."""
     if _writer is not None and _writer.pid == os.getpid():
         _writer.stop()
+
+
+def connection_limit(settings):
+    """max_connections, or when it is 0 a share of the open-file limit."""
+    if settings.max_connections:
+        return settings.max_connections
+    import resource
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return AUTO_CONNECTIONS_MAX
+    return int(min(max(soft * AUTO_CONNECTIONS_SHARE, AUTO_CONNECTIONS_MIN), AUTO_CONNECTIONS_MAX))
+
+
+def open_descriptors():
+    """How many descriptors this process has open now (a guess of 16 where /proc is missing)."""
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1     # less the one listdir() opened
+    except OSError:
+        return 16
 
 
 def raise_open_file_limit():
@@ -3623,8 +3711,8 @@ def explain(config, url, variables=None, out=sys.stdout):
     """Print how *url* would be routed (nodast's -t); return 0 if routed, 1 if not."""
     header = AgiHeader.parse(synthetic_header(url, (), variables))
     request = parse_request(url)
-    upstreams = Upstreams(config)
-    route, pool, order, path, query = upstreams.decide(request, header, "127.0.0.1")
+    route, pool, path, query = Upstreams(config).route(request, header)
+    order = pool.order(header.variables, "127.0.0.1") if route else []
     out.write("request:  %s\n" % url)
     if route is None:
         out.write("route:    none: the session would get %s=NOROUTE and FAILURE\n" % config.settings.failure_variable)
@@ -3701,6 +3789,8 @@ def main(argv=None):
         sys.stderr.write("agiproxy: %s\n" % exc)
         return 2
     if args.check:
+        for warning in regex_warnings(config):
+            sys.stderr.write("agiproxy: %s: warning: %s\n" % (args.config, warning))
         sys.stdout.write("%s: configuration OK (%d routes, %d pools)\n"
                          % (args.config, len(config.routes), len(config.pools)))
         return 0
@@ -3755,13 +3845,15 @@ def _serve(config, args):
         if report:
             report(1)
         return 1
-    allowed = max(0, (files - 64) // 2)        # two descriptors a session, a few for the rest
+    allowed = max(0, (files - open_descriptors() - FD_RESERVE) // 2)   # two a session, a few for the rest
     wanted = max(config.settings.max_sessions, SESSIONS_FLOOR)
     log.log(logging.WARNING if allowed < wanted else logging.INFO,
             "agiproxy %s on Python %s: %d routes, %d pools; open-file limit %d allows about %d sessions%s",
             __version__, sys.version.split()[0], len(config.routes), len(config.pools), files, allowed,
             "" if allowed >= wanted else " (fewer than %s %d: raise the limit, e.g. LimitNOFILE= or ulimit -n)"
             % ("max_sessions =" if config.settings.max_sessions >= SESSIONS_FLOOR else "a sane floor of", wanted))
+    for warning in regex_warnings(config):
+        log.warning("%s", warning)
     wake_read = catch_signals(proxy)
     proxy.serve()
     sd_notify("READY=1")

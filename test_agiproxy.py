@@ -2778,6 +2778,7 @@ class EmfileTest(SecurityCase):
                 [agiproxy]
                 listen = 127.0.0.1:0
                 header_timeout = 60
+                max_connections = 1000
                 log = %s
                 [pool main]
                 servers = 127.0.0.1:%d
