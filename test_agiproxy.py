@@ -2847,7 +2847,7 @@ def open_fds():
 def fuzz_case(rng, header):
     """One malformed client: (label, bytes to send, how to end: close|reset|shut|session-reset|session-wait)."""
     lines = header.splitlines(True)[:-1]
-    kind = rng.randrange(11)
+    kind = rng.randrange(13)
     if kind == 0:
         return "random bytes", bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 600))), None
     if kind == 1:
@@ -2878,6 +2878,13 @@ def fuzz_case(rng, header):
         return "blank lines", rng.choice([b"\n", b"\r\n", b"\n\n\n", b"\r\n\r\n"]), None
     if kind == 9:
         return "TLS hello on plain", client_hello()[:rng.randrange(1, 300)], None
+    if kind == 10:
+        line = rng.choice(lines)
+        at = rng.randrange(len(lines) + 1)
+        return "repeated name", b"".join(lines[:at] + [line] + lines[at:]) + b"\n", None
+    if kind == 11:
+        return "dripped 64 KB header", b"agi_network: yes\nagi_request: agi://127.0.0.1/" + b"x" * 65536 + b"\n\n", \
+            "drip"
     return "valid header, reset mid-session", header, rng.choice(["session-reset", "session-close"])
 
 
@@ -2888,7 +2895,11 @@ def fuzz_one(rng, port, header):
     try:
         sock.settimeout(2)
         try:
-            if ending.startswith("session") or rng.random() < 0.5:
+            if ending == "drip":        # a few bytes at a time, until the proxy closes
+                step = rng.randrange(1, 64)
+                for start in range(0, len(data), step):
+                    sock.sendall(data[start:start + step])
+            elif ending.startswith("session") or rng.random() < 0.5:
                 sock.sendall(data)
             else:      # in pieces, to cross recv() boundaries
                 cut = rng.randrange(len(data) + 1)
