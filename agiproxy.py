@@ -1684,8 +1684,8 @@ def _stderr_tail(process, deadline):
         while True:
             exited = process.poll() is not None
             remaining = deadline - time.monotonic()
-            if remaining <= 0 and not exited:
-                return tail, True
+            if remaining <= 0:      # (an exited hook's background child may write on for ever)
+                return tail, not exited
             if reading and selector.select(0 if exited else min(remaining, HOOK_POLL_STEP)):
                 chunk = os.read(process.stderr.fileno(), 4096)
                 tail = (tail + chunk)[-HOOK_STDERR_TAIL:]
