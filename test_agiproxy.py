@@ -4708,8 +4708,8 @@ class HostileLimitsTest(SecurityCase):
 
     def test_a_sender_the_other_side_does_not_read_pins_at_most_the_buffer_limit(self):
         stalled = threading.Event()
-        self.addCleanup(stalled.set)
         upstream = self.server(behaviour=lambda conn, header, server: stalled.wait(TIMEOUT))
+        self.addCleanup(stalled.set)        # before the server's stop joins its threads
         proxy = self.proxy(BASIC, upstream)
         sock = socket.create_connection(("127.0.0.1", self.port(proxy)), TIMEOUT)
         self.addCleanup(sock.close)
@@ -4805,7 +4805,7 @@ class HostileReloadTest(PoolCase):
         [pool main]
         check = %s
         check_interval = 50ms
-        check_timeout = 3
+        check_timeout = 1500ms
         servers = 127.0.0.1:%d max=1
         [route all]
         path = *
@@ -4848,7 +4848,7 @@ class HostileReloadTest(PoolCase):
         self.write(path, self.CONFIG % ("tcp", hole.port))
         started = time.monotonic()
         self.assertTrue(proxy.reload(path))
-        self.assertLess(time.monotonic() - started, 1.0, "check_timeout is 3 s")
+        self.assertLess(time.monotonic() - started, 0.75, "check_timeout is 1.5 s")
         self.assertIsNot(proxy.checkers[0], checker)
         checker.join(TIMEOUT)
         self.assertFalse(checker.is_alive())
