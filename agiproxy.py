@@ -2894,6 +2894,7 @@ class Proxy(object):
         self.server_context = make_server_context(config.settings) if config.settings.tls_cert else None
         self.sessions = set()
         self.active = 0         # sessions holding a server slot (connecting or relaying)
+        self.max_connections = connection_limit(config.settings)     # of the others
         self.stats = Stats()
         self.listeners = collections.OrderedDict()   # (tls, host, port) as configured -> AgiListener
         self.stats_server = None
@@ -3013,6 +3014,7 @@ class Proxy(object):
                         ", ".join(needs_restart))
         with self.lock:
             self.config, self.settings, self.upstreams = config, config.settings, upstreams
+            self.max_connections = connection_limit(config.settings)
             self.server_context = server_context
             self.listeners = listeners
             self.stats.reloads += 1
@@ -3191,8 +3193,7 @@ class Proxy(object):
     def admit(self, client_address, tls):
         """The listener ACL and max_connections: False (and a rate-limited log line) for a
         client to close at once."""
-        settings = self.settings
-        limit = connection_limit(settings)
+        settings, limit = self.settings, self.max_connections
         with self.lock:
             waiting = len(self.sessions) - self.active
             if waiting >= limit:
