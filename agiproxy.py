@@ -50,6 +50,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
+import weakref
 import configparser
 import http.server
 
@@ -80,6 +82,10 @@ FIN_PROBE_LIMIT = 1.0
 DRAIN_ACCEPT_GRACE = 0.1
 #: Connections accepted in one go before the relay looks at its sessions again.
 ACCEPT_BATCH = 16
+#: max_connections = 0: this share of the open-file limit, within these bounds.
+AUTO_CONNECTIONS_SHARE, AUTO_CONNECTIONS_MIN, AUTO_CONNECTIONS_MAX = 0.25, 16, 1024
+#: Descriptors kept aside from sessions: log file, a health check, a hook, the stats endpoint.
+FD_RESERVE = 8
 #: Fewer concurrent sessions than this allowed by the open-file limit is worth a warning at start.
 SESSIONS_FLOOR = 100
 #: Asterisk sends its header right after connecting; the relay waits this long
@@ -97,6 +103,13 @@ LOG_STOP_TIMEOUT = 5.0
 #: Stack size of worker threads: they only read a header and connect, and the
 #: default 8 MiB each adds up during a burst of calls.
 THREAD_STACK_SIZE = 512 * 1024
+#: What of a failed hook's stderr is logged: its last lines, from its last bytes.
+HOOK_STDERR_LINES = 5
+HOOK_STDERR_TAIL = 4096
+#: How often a running hook is looked at for its exit when it writes nothing.
+HOOK_POLL_STEP = 0.05
+#: How long the addresses of an upstream's host name are used before it is resolved again.
+RESOLVE_TTL = 30.0
 #: Buckets of the session duration histogram, in seconds.
 DURATION_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 
@@ -115,6 +128,7 @@ CLIENTLOST = "CLIENTLOST"       # Asterisk's side reset
 ABORTED = "ABORTED"             # cut by drain_timeout, a second stop signal or a shutdown
 INTERNAL = "INTERNAL"           # a bug, logged with its traceback
 DENIED = "DENIED"               # refused by allow/deny before a byte was read
+REFUSED = "REFUSED"             # max_connections were waiting for a header or a server: closed at accept
 #: How a server ended a session it ended first (passive health).
 FIN, RESET = "fin", "reset"
 
@@ -278,6 +292,7 @@ GLOBAL_OPTIONS = collections.OrderedDict([
     ("header_timeout", (parse_duration, "5")),
     ("max_header_bytes", (parse_count, "65536")),
     ("max_header_lines", (parse_count, "256")),
+    ("max_match_length", (parse_count, "1024")),
     ("connect_timeout", (parse_duration, "2")),
     ("connect_budget", (parse_duration, "4")),
     ("idle_timeout", (parse_duration, "0")),
@@ -288,6 +303,7 @@ GLOBAL_OPTIONS = collections.OrderedDict([
     ("tcp_user_timeout", (parse_duration, "60")),
     ("max_session_time", (parse_duration, "0")),
     ("max_sessions", (parse_count, "0")),
+    ("max_connections", (parse_count, "0")),
     ("failure_variable", (parse_variable_name, "AGIPROXY_STATUS")),
     ("forwarded_for", (parse_boolean, "no")),
     ("log", (text_value, "stderr")),
@@ -664,7 +680,7 @@ class HeaderScanner(object):
         old = len(buffer)
         buffer += chunk
         while self.end < 0:
-            newline = buffer.find(b"\n", self.start)
+            newline = buffer.find(b"\n", max(self.start, old))     # bytes before old hold no newline
             if newline < 0:
                 break
             if newline == self.start or newline == self.start + 1 and buffer[self.start] == 13:
@@ -703,7 +719,12 @@ class AgiHeader(object):
             for number, line in enumerate(text.splitlines(True), 1):
                 if not _HEADER_LINE.fullmatch(line):
                     raise HeaderError("malformed header line %d: %s" % (number, printable(line[:80])))
-        self.variables = dict(reversed(_HEADER_VARIABLE.findall(text)))    # the first of a name wins
+        pairs = _HEADER_VARIABLE.findall(text)
+        self.variables = dict(pairs)
+        if len(self.variables) != len(pairs):   # Asterisk's setup_env never repeats a name: routing
+            seen = set()                        # and a last-one-wins upstream parser would disagree
+            repeated = next(name for name, _ in pairs if name in seen or seen.add(name))
+            raise HeaderError("header repeats %s" % printable(repeated))
 
     @classmethod
     def parse(cls, data):
@@ -841,8 +862,11 @@ class Route(object):
         """True for routes tried in file order before plain path routes."""
         return bool(self.pattern or self.host or self.conditions)
 
-    def match(self, request, variables):
-        """Return the regex groups (possibly empty) when every condition matches, else None."""
+    def match(self, request, variables, limit=0):
+        """Return the regex groups (possibly empty) when every condition matches, else None.
+
+        A value longer than *limit* characters (0: no limit) matches no regex: it
+        is the caller's, and a regex's time can grow fast with its length."""
         if self.path not in (None, "*"):
             path = normalize_path(request.path)
             if path != self.path and not path.startswith(self.path + "/") and self.path != "/":
@@ -850,11 +874,12 @@ class Route(object):
         if self.host is not None and request.host.lower() != self.host.lower():
             return None
         for name, regex in self.conditions:
-            if name not in variables or not regex.search(variables[name]):
+            value = variables.get(name)
+            if value is None or limit and len(value) > limit or not regex.search(value):
                 return None
         groups = {}
         if self.pattern is not None:
-            found = self.pattern.search(request.path)
+            found = None if limit and len(request.path) > limit else self.pattern.search(request.path)
             if not found:
                 return None
             groups["0"] = found.group(0)
@@ -879,16 +904,23 @@ class Route(object):
                                  "{host} or a header variable such as {agi_callerid}" % name)
 
     def rewritten(self, request, variables, groups):
-        """Return (path, query) for the upstream: the rewrite template filled in, or the original."""
+        """Return (path, query) for the upstream: the rewrite template filled in, or the original.
+
+        Header variables come from the caller (caller ID is whatever SIP said), so their
+        values are percent-encoded, every byte but ``A-Za-z0-9-._~``: they cannot add a
+        query parameter or a path segment.  ``{path}``, ``{query}``, ``{host}`` and the
+        regex groups are parts of the agi_request URL, already URL text: pasted as they are."""
         if not self.rewrite:
             return request.path, request.query
-        values = dict(variables, path=request.path, query=request.query, host=request.host)
-        values.update(groups)
+        values = dict(groups, path=request.path, query=request.query, host=request.host)
 
         def fill(match):
-            if match.group(1) is None:
+            name = match.group(1)
+            if name is None:
                 return match.group(0)[0]
-            return values.get(match.group(1), "")
+            if name in values:
+                return values[name]
+            return urllib.parse.quote(encode(variables.get(name, "")), safe="~")    # "~": as on 3.7+
 
         path, _, query = _PLACEHOLDER.sub(fill, self.rewrite).partition("?")
         return "/" + path.lstrip("/"), query
@@ -905,8 +937,11 @@ class Router(object):
     3. the ``path = *`` catch-all.
     """
 
-    def __init__(self, routes):
+    def __init__(self, routes, max_match_length=0):
         self.routes = list(routes)
+        self.limit = max_match_length
+        self.tested = sorted({name for route in self.routes for name, _ in route.conditions})
+        self.paths_tested = any(route.pattern is not None for route in self.routes)
         self.conditional = [r for r in self.routes if r.conditional]
         self.by_path = sorted((r for r in self.routes if not r.conditional and r.path != "*"),
                               key=lambda r: (-len(r.path), r.index))
@@ -915,10 +950,36 @@ class Router(object):
     def route(self, request, variables):
         """Return ``(route, groups)`` for the winning route, or ``(None, None)``."""
         for route in self.conditional + self.by_path + self.catch_all:
-            groups = route.match(request, variables)
+            groups = route.match(request, variables, self.limit)
             if groups is not None:
                 return route, groups
         return None, None
+
+    def too_long(self, request, variables):
+        """Names of the values a regex would have been matched against but for max_match_length."""
+        if not self.limit:
+            return []
+        names = [name for name in self.tested if len(variables.get(name, "")) > self.limit]
+        return names + ["the request path"] if self.paths_tested and len(request.path) > self.limit else names
+
+
+#: A quantified group with a quantifier inside, such as ``(\d+)+`` or ``(?:a*b?)*``: on a
+#: long value that almost matches, Python's re backtracks through every way to split it.
+_NESTED_QUANTIFIER = re.compile(r"\((?:[^()\\]|\\.)*(?:[+*}]|[^\\]\?)(?:[^()\\]|\\.)*\)(?:[+*]|\{\d*,)")
+
+
+def regex_warnings(config):
+    """What --check warns of in the routes: conditions whose regex can take exponential time."""
+    found = []
+    for route in config.routes:
+        tests = [("match", route.pattern)] if route.pattern is not None else []
+        for key, regex in tests + route.conditions:
+            nested = _NESTED_QUANTIFIER.search(regex.pattern)
+            if nested:
+                found.append("route %s: %s = %s: the nested quantifier %s can take exponential time on a value "
+                             "that almost matches; write it without repeating a repetition (e.g. \\d+ for (\\d+)+)"
+                             % (route.name, key, regex.pattern, nested.group(0)))
+    return found
 
 
 ###############################################################################
@@ -1155,29 +1216,34 @@ class Upstreams(object):
     def __init__(self, config, previous=None):
         self.config = config
         self.states = {}
-        old_states = previous.states if previous else {}
+        # Every ServerState still referenced (by this configuration, an older one or a
+        # session that counts on it): a server removed and re-added while an old session
+        # lives gets its old state back, and max= holds.
+        self.known = previous.known if previous else weakref.WeakValueDictionary()
         old_pools = previous.pools if previous else {}
         self.pools = collections.OrderedDict()
         for name, spec in config.pools.items():
             shared = {}
             for server in spec.servers:
                 key = (server.host, server.port, server.tls)
-                shared[key] = self.states.get(key) or old_states.get(key) or ServerState(*key)
+                shared[key] = self.states.get(key) or self.known.get(key) or ServerState(*key)
+                self.known[key] = shared[key]
             pool = Pool(spec, shared)
             self.states.update(shared)
             if name in old_pools:
                 pool.state = old_pools[name].state
             self.pools[name] = pool
-        self.router = Router(config.routes)
+        self.router = Router(config.routes, config.settings.max_match_length)
 
-    def decide(self, request, header, client_host=""):
-        """Return ``(route, pool, order, upstream_path, upstream_query)``; route is None for no route."""
+    def route(self, request, header):
+        """Return ``(route, pool, upstream_path, upstream_query)``; route is None for no route.
+
+        Pure, and this object does not change once built: no lock is needed (pool.order() needs one)."""
         route, groups = self.router.route(request, header.variables)
         if route is None:
-            return None, None, [], request.path, request.query
-        pool = self.pools[route.pool]
+            return None, None, request.path, request.query
         path, query = route.rewritten(request, header.variables, groups)
-        return route, pool, pool.order(header.variables, client_host), path, query
+        return route, self.pools[route.pool], path, query
 
 
 def forwarded_header(header, request, route, pool, server, path, query, forwarded_for=None):
@@ -1248,9 +1314,17 @@ def make_server_context(settings):
     return context
 
 
+#: Certificate checks Python 3.13's create_default_context() adds: X.509 strict mode (a
+#: private CA without key usage or a critical basicConstraints is rejected) and partial
+#: chains.  They are cleared, so that verification is the same on 3.6 .. 3.13 and an
+#: interpreter upgrade cannot turn a working upstream into NOUPSTREAM.
+VERIFY_FLAGS_SINCE_313 = getattr(ssl, "VERIFY_X509_STRICT", 0) | getattr(ssl, "VERIFY_X509_PARTIAL_CHAIN", 0)
+
+
 def make_client_context(settings, verify):
     """The TLS context toward a pool's servers; *verify* checks certificate and host name."""
     context = ssl.create_default_context(cafile=settings.tls_ca or None)
+    context.verify_flags &= ~VERIFY_FLAGS_SINCE_313
     _require_tls12(context)
     if not verify:
         context.check_hostname = False
@@ -1296,15 +1370,76 @@ def literal_family(host):
     return None
 
 
-def begin_connect(host, port):
-    """Start a non-blocking connect to the IP address *host*; return the socket."""
-    sock = socket.socket(literal_family(host), socket.SOCK_STREAM)
+def begin_connect(host, port, address=None):
+    """Start a non-blocking connect to the IP address *host*, or to *address* (a
+    ``(family, sockaddr)`` from getaddrinfo); return the socket."""
+    family, sockaddr = address or (literal_family(host), (host, port))
+    sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
-    error = sock.connect_ex((host, port))
+    error = sock.connect_ex(sockaddr)
     if error not in (0, errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
         sock.close()
         raise OSError(error, os.strerror(error))
     return sock
+
+
+class Resolver(object):
+    """getaddrinfo() with a deadline.  The C call cannot be interrupted, so it runs in
+    a thread of its own (one per name at a time, shared by every connect waiting
+    for it) and the caller waits for it only until its deadline; an answer is kept
+    RESOLVE_TTL seconds, so a slow resolver costs one wait, not one per call."""
+
+    class Lookup(object):
+        def __init__(self):
+            self.done = threading.Event()
+            self.addresses, self.error = [], None
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.answers = {}           # (host, port) -> (expiry, [(family, sockaddr)])
+        self.lookups = {}           # (host, port) -> Lookup under way
+
+    def resolve(self, host, port, timeout):
+        """Return ``[(family, sockaddr)]`` for *host*; raise socket.timeout after *timeout* seconds."""
+        key, now, start = (host, port), time.monotonic(), False
+        with self.lock:
+            answer = self.answers.get(key)
+            if answer is not None and answer[0] > now:
+                return answer[1]
+            lookup = self.lookups.get(key)
+            if lookup is None:
+                lookup = self.lookups[key] = self.Lookup()
+                start = True
+        if start:
+            try:
+                threading.Thread(target=self._look_up, args=(key, lookup), name="resolve", daemon=True).start()
+            except RuntimeError as exc:     # can't start new thread
+                self._answer(key, lookup, [], OSError(errno.ENOMEM, "cannot resolve %s: %s" % (host, exc)))
+        if not lookup.done.wait(max(timeout, 0)):
+            raise socket.timeout("resolving %s timed out" % host)
+        if lookup.error is not None:
+            raise lookup.error.__class__(*lookup.error.args)   # a copy: other threads raise it too
+        return lookup.addresses
+
+    def _look_up(self, key, lookup):
+        try:
+            found = socket.getaddrinfo(key[0], key[1], 0, socket.SOCK_STREAM)
+            self._answer(key, lookup, [(info[0], info[4]) for info in found], None)
+        except (OSError, UnicodeError) as exc:
+            self._answer(key, lookup, [], exc)
+
+    def _answer(self, key, lookup, addresses, error):
+        now = time.monotonic()
+        with self.lock:
+            del self.lookups[key]
+            if error is None:
+                self.answers = {k: v for k, v in self.answers.items() if v[0] > now}
+                self.answers[key] = (now + RESOLVE_TTL, addresses)
+        lookup.addresses, lookup.error = addresses, error
+        lookup.done.set()
+
+
+RESOLVER = Resolver()
 
 
 def tune_socket(sock, settings, upstream=False):
@@ -1372,24 +1507,18 @@ def refuse_new_connections(listening):
     return attach_filter(listening, DROP_SYN_FILTER)
 
 
-def open_connection(host, port, timeout, tls_context=None, settings=None):
-    """Connect to an upstream within *timeout* seconds (TLS included); return the socket.
+def open_connection(host, port, timeout, tls_context=None, settings=None, address_timeout=None):
+    """Connect to an upstream within *timeout* seconds: name resolution, every address
+    of the name, the TLS handshake; return the socket.  *address_timeout* (default
+    *timeout*) bounds the connect to each address and the handshake.
 
     An IP literal is connected to directly: getaddrinfo() and the IDNA codec
     cost more than the rest of the connect on loopback."""
     deadline = time.monotonic() + timeout
-    if literal_family(host) is None:
-        sock = socket.create_connection((host, port), timeout)
-    else:
-        sock = begin_connect(host, port)
-        try:
-            wait_for(sock, WRITE, timeout)
-            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if error:
-                raise OSError(error, os.strerror(error))
-        except BaseException:
-            sock.close()
-            raise
+    each = min(address_timeout or timeout, timeout)
+    family = literal_family(host)
+    addresses = [(family, (host, port))] if family else RESOLVER.resolve(host, port, timeout)
+    sock = _connect_first(host, port, addresses, deadline, each)
     try:
         if settings is not None:
             tune_socket(sock, settings, upstream=True)
@@ -1397,12 +1526,38 @@ def open_connection(host, port, timeout, tls_context=None, settings=None):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if tls_context is not None:
             sock = tls_context.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
-            tls_handshake(sock, deadline)
+            tls_handshake(sock, min(deadline, time.monotonic() + each))
         sock.setblocking(False)
         return sock
     except BaseException:
         sock.close()
         raise
+
+
+def _connect_first(host, port, addresses, deadline, each):
+    """The first of *addresses* that takes a connect, each given *each* seconds, all by *deadline*."""
+    error = socket.timeout("timed out")
+    for address in addresses:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        try:
+            sock = begin_connect(host, port, address)
+        except OSError as exc:
+            if exc.errno in LOCAL_SHORTAGE:     # ours, not the address's: no point trying the next
+                raise
+            error = exc
+            continue
+        try:
+            wait_for(sock, WRITE, min(each, remaining))
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if not code:
+                return sock
+            error = OSError(code, os.strerror(code))
+        except OSError as exc:
+            error = exc
+        sock.close()
+    raise error
 
 
 def read_line(sock, deadline, buffer=b"", limit=4096):
@@ -1497,9 +1652,10 @@ class HealthChecker(threading.Thread):
         settings = self.pool.settings
         while not self.stopping.is_set():
             for member in self.pool.members:
-                if self.stopping.is_set():
+                why = check_server(member, settings)
+                if self.stopping.is_set():      # stopped meanwhile (a reload): not ours to apply
                     return
-                self.proxy.check_result(self.pool, member, check_server(member, settings))
+                self.proxy.check_result(self.pool, member, why)
             self.stopping.wait(settings.check_interval)
 
     def stop(self):
@@ -1507,24 +1663,65 @@ class HealthChecker(threading.Thread):
 
 
 def run_hook(name, argv, timeout):
-    """Run one hook command and wait for it; log failures; kill it after *timeout* seconds."""
+    """Run one hook command and wait for it; kill it after *timeout* seconds.
+
+    The hook leads its own process group, so a shell script's children are
+    killed with it; the last HOOK_STDERR_TAIL bytes of its stderr are logged
+    when it fails."""
     try:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL, close_fds=True)
+                                   stderr=subprocess.PIPE, close_fds=True, start_new_session=True)
     except OSError as exc:
         log.error("%s hook %s could not start: %s", name, argv[0], describe_error(exc))
         return
-    try:
-        code = process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    with process.stderr:
+        tail, timed_out = _stderr_tail(process, time.monotonic() + timeout)
+    if timed_out:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except OSError:
+            pass
         process.wait()
-        log.error("%s hook %s still running after %gs: killed", name, argv[0], timeout)
+        log.error("%s hook %s still running after %gs: killed with its process group%s",
+                  name, argv[0], timeout, _said(tail))
         return
+    code = process.wait()
     if code:
-        log.warning("%s hook %s exited with status %d", name, " ".join(argv), code)
+        log.warning("%s hook %s exited with status %d%s", name, " ".join(argv), code, _said(tail))
     else:
         log.info("%s hook %s done", name, " ".join(argv))
+
+
+def _stderr_tail(process, deadline):
+    """Read *process*'s stderr until it exits or *deadline*; return (its last bytes, timed out?).
+
+    Not until EOF: a child the hook left running in the background may hold the pipe."""
+    tail, reading = b"", True
+    with Selector() as selector:
+        selector.register(process.stderr, READ)
+        while True:
+            exited = process.poll() is not None
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:      # (an exited hook's background child may write on for ever)
+                return tail, not exited
+            if reading and selector.select(0 if exited else min(remaining, HOOK_POLL_STEP)):
+                chunk = os.read(process.stderr.fileno(), 4096)
+                tail = (tail + chunk)[-HOOK_STDERR_TAIL:]
+                if not chunk:       # every writer closed it: only the exit is left to wait for
+                    selector.unregister(process.stderr)
+                    reading = False
+            elif exited:
+                return tail, False
+            elif not reading:
+                try:
+                    process.wait(min(remaining, HOOK_POLL_STEP))
+                except subprocess.TimeoutExpired:
+                    pass
+
+
+def _said(tail):
+    lines = decode(tail).strip().splitlines()[-HOOK_STDERR_LINES:]
+    return "; stderr: %s" % printable(" | ".join(lines)) if lines else ""
 
 
 class HookRunner(object):
@@ -1647,7 +1844,7 @@ class Session(object):
         # neither a connect cut short by the budget nor our own shortage says anything against the server
         judged = not shortage and not (isinstance(exc, socket.timeout) and
                                        self.attempt_timeout < settings.connect_timeout)
-        self.proxy.connect_failed(pool, member, describe_error(exc), trial, judged)
+        self.proxy.connect_failed(pool, member, describe_error(exc), trial, judged, shortage)
         if shortage:
             return OVERLOADED, "cannot connect to %s: %s (agiproxy is short of it, not the server)" % (
                 member.name, describe_error(exc))
@@ -1695,8 +1892,8 @@ class Session(object):
             try:
                 if self.attempt_timeout <= 0:
                     raise socket.timeout("connect_budget spent")
-                self.upstream = open_connection(state.host, state.port, self.attempt_timeout,
-                                                self.member.tls_context, self.settings)
+                self.upstream = open_connection(state.host, state.port, self.budget_deadline - time.monotonic(),
+                                                self.member.tls_context, self.settings, self.attempt_timeout)
                 return None
             except (OSError, ValueError) as exc:
                 failure = self.connect_failed(exc)
@@ -2765,6 +2962,7 @@ class Proxy(object):
         self.server_context = make_server_context(config.settings) if config.settings.tls_cert else None
         self.sessions = set()
         self.active = 0         # sessions holding a server slot (connecting or relaying)
+        self.max_connections = connection_limit(config.settings)     # of the others
         self.stats = Stats()
         self.listeners = collections.OrderedDict()   # (tls, host, port) as configured -> AgiListener
         self.stats_server = None
@@ -2829,10 +3027,12 @@ class Proxy(object):
         for checker in self.checkers:
             checker.start()
 
-    def _stop_checkers(self):
+    def _stop_checkers(self, wait=False):
+        """Stop the health checks; a check under way ends on its own and is not applied.
+        *wait* (at shutdown) joins them; a reload does not, so signals are not held up."""
         for checker in self.checkers:
             checker.stop()
-        for checker in self.checkers:
+        for checker in self.checkers if wait else ():
             checker.join(checker.pool.settings.check_timeout * 2 + 1)
         self.checkers = []
 
@@ -2852,7 +3052,7 @@ class Proxy(object):
     def shutdown(self):
         """Stop everything: listeners, checks, stats endpoint, live sessions and idle workers."""
         self.stop_listening()
-        self._stop_checkers()
+        self._stop_checkers(wait=True)
         if self.stats_server is not None:
             self.stats_server.shutdown()
             self.stats_server.server_close()
@@ -2882,6 +3082,7 @@ class Proxy(object):
                         ", ".join(needs_restart))
         with self.lock:
             self.config, self.settings, self.upstreams = config, config.settings, upstreams
+            self.max_connections = connection_limit(config.settings)
             self.server_context = server_context
             self.listeners = listeners
             self.stats.reloads += 1
@@ -2944,8 +3145,22 @@ class Proxy(object):
                 pass
 
     def decide(self, request, header, client_host):
+        """Return ``(route, pool, order, upstream_path, upstream_query)``; route is None for no route.
+
+        The regexes run outside the lock (they are the caller's to make slow); only the
+        pool's order, which moves its rotation and reads live counts, takes it."""
+        upstreams = self.upstreams      # one configuration for the whole decision, whatever a reload does
+        route, pool, path, query = upstreams.route(request, header)
+        skipped = upstreams.router.too_long(request, header.variables)
+        if skipped:
+            self.limited_log("match_length", logging.WARNING, "%s: %s longer than max_match_length = %d: "
+                             "no regex condition matches it", client_host, ", ".join(skipped),
+                             upstreams.router.limit)
+        if route is None:
+            return None, None, [], path, query
         with self.lock:
-            return self.upstreams.decide(request, header, client_host)
+            order = pool.order(header.variables, client_host)
+        return route, pool, order, path, query
 
     def reserve(self, pool, order, tried):
         """Reserve a slot on the next server of *order*; see Pool.reserve()."""
@@ -2960,12 +3175,14 @@ class Proxy(object):
         self._run_hook(pool, hook)
         return member, reason
 
-    def connect_failed(self, pool, member, why, trial, judged=True):
-        """Give back the slot of a failed connect; *judged*: the failure counts against the server."""
+    def connect_failed(self, pool, member, why, trial, judged=True, shortage=False):
+        """Give back the slot of a failed connect; *judged*: the failure counts against the
+        server; *shortage*: agiproxy's own, not even counted as the server's connect failure."""
         now = time.monotonic()
         said = []
         with self.lock:
-            member.state.connect_failures += 1
+            if not shortage:
+                member.state.connect_failures += 1
             if judged:
                 said = self._mark_down(pool, member, "connect failed: " + why, now, trial)
             elif trial:
@@ -3042,8 +3259,17 @@ class Proxy(object):
             self.stats.failures[reason] += 1
 
     def admit(self, client_address, tls):
-        """The listener ACL: False (and a rate-limited log line) for a denied client."""
-        settings = self.settings
+        """The listener ACL and max_connections: False (and a rate-limited log line) for a
+        client to close at once."""
+        settings, limit = self.settings, self.max_connections
+        with self.lock:
+            waiting = len(self.sessions) - self.active
+            if waiting >= limit:
+                self.stats.failures[REFUSED] += 1
+        if waiting >= limit:
+            self.limited_log("max_connections", logging.WARNING, "%s: %d connections wait for a header or a server "
+                             "(max_connections = %d); closed", client_address[0], waiting, limit)
+            return False
         allow, deny = (settings.tls_allow or settings.allow, settings.tls_deny or settings.deny) if tls \
             else (settings.allow, settings.deny)
         if not allow and not deny:
@@ -3135,6 +3361,8 @@ class Proxy(object):
                    [((), self.active)])
             metric("sessions_total", "counter", "Sessions relayed and ended.", [((), stats.sessions)])
             metric("connections_total", "counter", "Client connections accepted.", [((), stats.connections)])
+            metric("connections_waiting", "gauge", "Connections holding no server slot yet (counted against "
+                   "max_connections).", [((), len(self.sessions) - self.active)])
             metric("failures_total", "counter", "Sessions not relayed, by reason.",
                    [((("reason", r),), n) for r, n in sorted(stats.failures.items())])
             metric("bytes_total", "counter", "Bytes relayed.",
@@ -3344,6 +3572,25 @@ def stop_logging():
         _writer.stop()
 
 
+def connection_limit(settings):
+    """max_connections, or when it is 0 a share of the open-file limit."""
+    if settings.max_connections:
+        return settings.max_connections
+    import resource
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return AUTO_CONNECTIONS_MAX
+    return int(min(max(soft * AUTO_CONNECTIONS_SHARE, AUTO_CONNECTIONS_MIN), AUTO_CONNECTIONS_MAX))
+
+
+def open_descriptors():
+    """How many descriptors this process has open now (a guess of 16 where /proc is missing)."""
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1     # less the one listdir() opened
+    except OSError:
+        return 16
+
+
 def raise_open_file_limit():
     """Raise the soft limit on open files to the hard limit; return the new soft limit."""
     import resource
@@ -3551,8 +3798,8 @@ def explain(config, url, variables=None, out=sys.stdout):
     """Print how *url* would be routed (nodast's -t); return 0 if routed, 1 if not."""
     header = AgiHeader.parse(synthetic_header(url, (), variables))
     request = parse_request(url)
-    upstreams = Upstreams(config)
-    route, pool, order, path, query = upstreams.decide(request, header, "127.0.0.1")
+    route, pool, path, query = Upstreams(config).route(request, header)
+    order = pool.order(header.variables, "127.0.0.1") if route else []
     out.write("request:  %s\n" % url)
     if route is None:
         out.write("route:    none: the session would get %s=NOROUTE and FAILURE\n" % config.settings.failure_variable)
@@ -3629,6 +3876,8 @@ def main(argv=None):
         sys.stderr.write("agiproxy: %s\n" % exc)
         return 2
     if args.check:
+        for warning in regex_warnings(config):
+            sys.stderr.write("agiproxy: %s: warning: %s\n" % (args.config, warning))
         sys.stdout.write("%s: configuration OK (%d routes, %d pools)\n"
                          % (args.config, len(config.routes), len(config.pools)))
         return 0
@@ -3683,13 +3932,15 @@ def _serve(config, args):
         if report:
             report(1)
         return 1
-    allowed = max(0, (files - 64) // 2)        # two descriptors a session, a few for the rest
+    allowed = max(0, (files - open_descriptors() - FD_RESERVE) // 2)   # two a session, a few for the rest
     wanted = max(config.settings.max_sessions, SESSIONS_FLOOR)
     log.log(logging.WARNING if allowed < wanted else logging.INFO,
             "agiproxy %s on Python %s: %d routes, %d pools; open-file limit %d allows about %d sessions%s",
             __version__, sys.version.split()[0], len(config.routes), len(config.pools), files, allowed,
             "" if allowed >= wanted else " (fewer than %s %d: raise the limit, e.g. LimitNOFILE= or ulimit -n)"
             % ("max_sessions =" if config.settings.max_sessions >= SESSIONS_FLOOR else "a sane floor of", wanted))
+    for warning in regex_warnings(config):
+        log.warning("%s", warning)
     wake_read = catch_signals(proxy)
     proxy.serve()
     sd_notify("READY=1")

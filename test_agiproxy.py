@@ -3003,6 +3003,7 @@ class EmfileTest(SecurityCase):
                 [agiproxy]
                 listen = 127.0.0.1:0
                 header_timeout = 60
+                max_connections = 1000
                 log = %s
                 [pool main]
                 servers = 127.0.0.1:%d
@@ -3071,7 +3072,7 @@ def open_fds():
 def fuzz_case(rng, header):
     """One malformed client: (label, bytes to send, how to end: close|reset|shut|session-reset|session-wait)."""
     lines = header.splitlines(True)[:-1]
-    kind = rng.randrange(11)
+    kind = rng.randrange(13)
     if kind == 0:
         return "random bytes", bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 600))), None
     if kind == 1:
@@ -3102,6 +3103,13 @@ def fuzz_case(rng, header):
         return "blank lines", rng.choice([b"\n", b"\r\n", b"\n\n\n", b"\r\n\r\n"]), None
     if kind == 9:
         return "TLS hello on plain", client_hello()[:rng.randrange(1, 300)], None
+    if kind == 10:
+        line = rng.choice(lines)
+        at = rng.randrange(len(lines) + 1)
+        return "repeated name", b"".join(lines[:at] + [line] + lines[at:]) + b"\n", None
+    if kind == 11:
+        return "dripped 64 KB header", b"agi_network: yes\nagi_request: agi://127.0.0.1/" + b"x" * 65536 + b"\n\n", \
+            "drip"
     return "valid header, reset mid-session", header, rng.choice(["session-reset", "session-close"])
 
 
@@ -3112,7 +3120,11 @@ def fuzz_one(rng, port, header):
     try:
         sock.settimeout(2)
         try:
-            if ending.startswith("session") or rng.random() < 0.5:
+            if ending == "drip":        # a few bytes at a time, until the proxy closes
+                step = rng.randrange(1, 64)
+                for start in range(0, len(data), step):
+                    sock.sendall(data[start:start + step])
+            elif ending.startswith("session") or rng.random() < 0.5:
                 sock.sendall(data)
             else:      # in pieces, to cross recv() boundaries
                 cut = rng.randrange(len(data) + 1)
@@ -4835,6 +4847,436 @@ TRACES["h-no-path"] = r"""
 +0.226388 A>S HANGUP\n
 +0.226423 A>S <EOF>
 """
+
+
+###############################################################################
+# Hostile input and exhaustion (issue 10) #####################################
+###############################################################################
+
+def process_gone(pid):
+    """True once *pid* has exited (a zombie nobody reaps counts as gone)."""
+    try:
+        with open("/proc/%d/stat" % pid) as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (IOError, OSError):
+        return True
+
+
+class CountingBuffer(bytearray):
+    """The scanner's buffer, counting the bytes find() looks at."""
+
+    examined = 0
+
+    def find(self, sub, start=0, end=None):
+        end = len(self) if end is None else end
+        found = bytearray.find(self, sub, start, end)
+        CountingBuffer.examined += (found + 1 if found >= 0 else end) - start
+        return found
+
+
+HOSTILE_ROUTES = """
+    [agiproxy]
+    listen = 127.0.0.1:0
+    header_timeout = 5
+    %s
+    [pool internal]
+    servers = 127.0.0.1:%%d
+    [pool other]
+    servers = 127.0.0.1:%%d
+    [route internal]
+    agi_context = ^from-internal$
+    pool = internal
+    [route app]
+    path = app
+    rewrite = /app/{agi_callerid}?a=1&cid={agi_callerid}&p={path}
+    pool = other
+    [route rest]
+    path = *
+    pool = other
+"""
+
+
+class HostileLimitsTest(SecurityCase):
+    """Issue 10: repeated names, rewrite values, dripped headers, regex limits, connection caps."""
+
+    def routes_proxy(self, extra=""):
+        internal, other = self.server(), self.server()
+        return self.proxy(HOSTILE_ROUTES % extra, internal, other), internal, other
+
+    def test_a_repeated_name_is_badheader(self):
+        proxy, internal, other = self.routes_proxy()
+        base = trace_header("a-plain")
+        for name, line in (("agi_context", b"agi_context: from-internal\nagi_context: from-pstn\n"),
+                           ("agi_request", b"agi_request: agi://127.0.0.1/admin/drop\n")):
+            LOG.clear()
+            data = line + base if name == "agi_context" else base.replace(b"\n\n", b"\n" + line + b"\n")
+            sock = socket.create_connection(("127.0.0.1", plain_port(proxy)), TIMEOUT)
+            client = local_name(sock)
+            sock.sendall(data)
+            closed, got, _ = wait_closed(sock, time.monotonic() + TIMEOUT)
+            sock.close()
+            self.assertTrue(closed)
+            self.assertEqual(got, b"", "closed without a word")
+            wait_until(lambda: self.warnings_for(client), message="the BADHEADER line")
+            self.assertIn("header repeats %s" % name, self.warnings_for(client)[0])
+        self.assertEqual((internal.accepted, other.accepted), (0, 0))
+        self.assertIdle(proxy)
+
+    def test_rewrite_percent_encodes_header_values(self):
+        proxy, internal, other = self.routes_proxy()
+        caller = "100&admin=1/../x?y=%"
+        sent = agiproxy.synthetic_header("agi://127.0.0.1/app", variables={"agi_callerid": caller})
+        self.assertEqual(asterisk(plain_port(proxy), sent).commands, SERVED)
+        got = agiproxy.AgiHeader.parse(other.headers[0])
+        encoded = "100%26admin%3D1%2F..%2Fx%3Fy%3D%25"
+        self.assertEqual(got.get("agi_request"), "agi://127.0.0.1/app/%s?a=1&cid=%s&p=/app" % (encoded, encoded))
+        self.assertEqual(got.get("agi_callerid"), caller, "the header itself is forwarded unchanged")
+        route = proxy.upstreams.router.routes[1]
+        request = agiproxy.parse_request("agi://h/app")
+        self.assertEqual(route.rewritten(request, {"agi_callerid": "A-Z_a.z~0 \xe9"}, {}),
+                         ("/app/A-Z_a.z~0%20%C3%A9", "a=1&cid=A-Z_a.z~0%20%C3%A9&p=/app"))
+
+    def test_a_dripped_header_is_scanned_in_linear_time(self):
+        class Limits(object):
+            max_header_bytes, max_header_lines = 1 << 20, 256
+        body = b"agi_request: agi://127.0.0.1/" + b"x" * 65536 + b"\nagi_network: yes\n\n"
+        for step in (len(body), 1):
+            scanner = agiproxy.HeaderScanner(Limits())
+            scanner.buffer = CountingBuffer()
+            CountingBuffer.examined = 0
+            for start in range(0, len(body), step):
+                scanner.feed(body[start:start + step])
+            self.assertTrue(scanner.done)
+            self.assertLessEqual(CountingBuffer.examined, 2 * len(body),
+                                 "chunks of %d: find() looked at %d bytes of %d" % (step, CountingBuffer.examined,
+                                                                                      len(body)))
+            self.assertEqual(scanner.result()[0].get("agi_network"), "yes")
+
+    def test_a_value_longer_than_max_match_length_reaches_no_regex(self):
+        proxy, internal, other = self.routes_proxy("max_match_length = 100")
+        for context, expected in (("from-internal", internal), ("from-internal" + " " * 100, other)):
+            sent = agiproxy.synthetic_header("agi://127.0.0.1/x", variables={"agi_context": context})
+            before = len(expected.headers)
+            self.assertEqual(asterisk(plain_port(proxy), sent).commands, SERVED)
+            self.assertEqual(len(expected.headers), before + 1)
+        wait_until(lambda: [m for m in LOG.messages(logging.WARNING)
+                            if "agi_context longer than max_match_length = 100" in m], message="the warning")
+        self.assertIdle(proxy)
+
+    def test_routing_regexes_run_outside_the_lock(self):
+        proxy, internal, other = self.routes_proxy()
+        route = proxy.upstreams.router.routes[0]
+        held = []
+
+        class Spy(object):
+            def __init__(self, regex):
+                self.regex, self.pattern = regex, regex.pattern
+
+            def search(self, value):
+                held.append(proxy.lock.locked())
+                return self.regex.search(value)
+        route.conditions = [(name, Spy(regex)) for name, regex in route.conditions]
+        sent = agiproxy.synthetic_header("agi://127.0.0.1/x", variables={"agi_context": "from-internal"})
+        self.assertEqual(asterisk(plain_port(proxy), sent).commands, SERVED)
+        self.assertEqual(len(internal.headers), 1)
+        self.assertEqual(held, [False])
+
+    def test_nested_quantifiers_are_warned_of(self):
+        config = make_config("""
+            [agiproxy]
+            [pool a]
+            servers = h
+            [route slow]
+            agi_callerid = ^(\\d+)+$
+            match = ^/ivr/(?:\\w+-?)*$
+            pool = a
+            [route fine]
+            agi_callerid = ^\\d+$
+            agi_dnid = ^(\\d{3})(\\d+)$
+            pool = a
+        """)
+        warnings = agiproxy.regex_warnings(config)
+        self.assertEqual(len(warnings), 2, warnings)
+        self.assertIn("route slow: match = ^/ivr/(?:\\w+-?)*$: the nested quantifier", warnings[0])
+        self.assertIn("route slow: agi_callerid = ^(\\d+)+$: the nested quantifier (\\d+)+", warnings[1])
+
+    def test_max_connections_closes_new_connections_at_accept(self):
+        upstream = self.server()
+        proxy = self.proxy(tls_listener_config("header_timeout = 10\nmax_connections = 4"), upstream)
+        port = plain_port(proxy)
+        waiting = []
+        for _ in range(4):
+            sock = socket.create_connection(("127.0.0.1", port), TIMEOUT)
+            self.addCleanup(sock.close)
+            sock.sendall(b"agi_network: yes\n")      # half a header: no slot, a worker waits for the rest
+            waiting.append(sock)
+        wait_until(lambda: len(proxy.sessions) == 4, message="four connections waiting")
+        threads = threading.active_count()
+        started = time.monotonic()
+        refused = [socket.create_connection(("127.0.0.1", port), TIMEOUT) for _ in range(20)]
+        for sock in refused:
+            closed, got, _ = wait_closed(sock, time.monotonic() + TIMEOUT)
+            sock.close()
+            self.assertTrue(closed and got == b"")
+        self.assertLess(time.monotonic() - started, 2.0)
+        self.assertLessEqual(threading.active_count(), threads, "a refused connection costs no thread")
+        text = proxy.metrics()
+        self.assertIn('agiproxy_failures_total{reason="REFUSED"} 20\n', text)
+        self.assertIn("agiproxy_connections_waiting 4\n", text)
+        lines = [m for m in LOG.messages(logging.WARNING) if "max_connections = 4" in m]
+        self.assertEqual(len(lines), 10, "rate limited: 10 lines per 10 s")
+        for sock in waiting:
+            sock.close()
+        self.assertIdle(proxy)
+        self.assertServes(proxy, upstream=upstream)
+
+    def test_a_sender_the_other_side_does_not_read_pins_at_most_the_buffer_limit(self):
+        stalled = threading.Event()
+        upstream = self.server(behaviour=lambda conn, header, server: stalled.wait(TIMEOUT))
+        self.addCleanup(stalled.set)        # before the server's stop joins its threads
+        proxy = self.proxy(BASIC, upstream)
+        sock = socket.create_connection(("127.0.0.1", self.port(proxy)), TIMEOUT)
+        self.addCleanup(sock.close)
+        sock.sendall(trace_header("a-plain"))
+        wait_until(lambda: upstream.headers, message="the header upstream")
+        sock.setblocking(False)
+        chunk, deadline = b"x" * 65536, time.monotonic() + TIMEOUT
+        links = []
+        while not [l for l in links if not l.up.readable()]:     # until the kernel buffers are full too
+            self.assertLess(time.monotonic(), deadline, "the proxy never stopped reading")
+            try:
+                sock.send(chunk)
+            except BlockingIOError:
+                select.select([], [sock], [], 0.05)
+            links = [l for l in list(proxy.relay.links) if l.up is not None]
+        self.assertEqual(len(links), 1)
+        self.assertLessEqual(len(links[0].up.buffer), agiproxy.RELAY_BUFFER_LIMIT + agiproxy.RELAY_CHUNK)
+
+
+class HostileConnectTest(PoolCase):
+    """Issue 10: one deadline over resolution and every address; emfile is not the server's failure."""
+
+    def fake_names(self, names):
+        real = socket.getaddrinfo
+
+        def getaddrinfo(host, *args, **kwargs):
+            if host in names:
+                return names[host]()
+            return real(host, *args, **kwargs)
+        socket.getaddrinfo = getaddrinfo
+        self.addCleanup(setattr, socket, "getaddrinfo", real)
+
+    def budget_proxy(self, name):
+        return self.proxy("""
+            [agiproxy]
+            listen = 127.0.0.1:0
+            connect_timeout = 400ms
+            connect_budget = 600ms
+            [pool main]
+            servers = %s:4573
+            [route all]
+            path = *
+            pool = main
+        """ % name)
+
+    def test_a_name_with_three_dead_addresses_costs_the_budget(self):
+        holes = [self.black_hole() for _ in range(3)]
+        self.fake_names({"three-dead.test": lambda: [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", h.port))
+                                                     for h in holes]})
+        proxy = self.budget_proxy("three-dead.test")
+        transcript, elapsed = timed(self.port(proxy))
+        self.assertEqual(transcript.status, "NOUPSTREAM")
+        self.assertGreater(elapsed, 0.55)
+        self.assertLess(elapsed, 1.0, "3 x connect_timeout would be 1.2 s")
+        self.assertIdle(proxy)
+
+    def test_a_hung_resolver_costs_the_budget(self):
+        release = threading.Event()
+        self.addCleanup(release.set)
+        self.fake_names({"hung.test": lambda: release.wait(TIMEOUT) and []})
+        proxy = self.budget_proxy("hung.test")
+        for _ in range(2):          # the second waits for the same lookup: no second thread
+            transcript, elapsed = timed(self.port(proxy))
+            self.assertEqual(transcript.status, "NOUPSTREAM")
+            self.assertLess(elapsed, 1.0)
+        self.assertEqual(len([t for t in threading.enumerate() if t.name == "resolve"]), 1)
+        self.assertIdle(proxy)
+
+    def test_our_own_shortage_is_overloaded_and_leaves_the_server_alone(self):
+        upstream = self.server()
+        proxy = self.proxy(BASIC, upstream)
+        real = agiproxy.begin_connect
+
+        def out_of_descriptors(*args):
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        agiproxy.begin_connect = out_of_descriptors
+        self.addCleanup(setattr, agiproxy, "begin_connect", real)
+        self.assertEqual(asterisk(self.port(proxy)).status, "OVERLOADED")
+        state = self.state(proxy, upstream.port)
+        self.assertEqual((state.up, state.connect_failures), (True, 0))
+        self.assertTrue(self.log_has("Too many open files (agiproxy is short of it, not the server)"))
+        self.assertIn('agiproxy_failures_total{reason="OVERLOADED"} 1\n', proxy.metrics())
+        agiproxy.begin_connect = real
+        self.assertEqual(asterisk(self.port(proxy)).commands, SERVED)
+
+
+class HostileReloadTest(PoolCase):
+    """Issue 10: max= across removal and re-adding; a reload does not wait for a check."""
+
+    CONFIG = """
+        [agiproxy]
+        listen = 127.0.0.1:0
+        [pool main]
+        check = %s
+        check_interval = 50ms
+        check_timeout = 1500ms
+        servers = 127.0.0.1:%d max=1
+        [route all]
+        path = *
+        pool = main
+    """
+
+    def write(self, path, text):
+        with open(path, "w") as handle:
+            handle.write(textwrap.dedent(text))
+
+    def test_max_holds_when_a_server_is_removed_and_added_back(self):
+        held, other = self.server(behaviour=hold_or_answer), self.server()
+        proxy = self.proxy(self.CONFIG % ("none", held.port))
+        holder = self.hold(proxy, held)
+        path = os.path.join(self.tempdir(), "agiproxy.conf")
+        self.write(path, self.CONFIG % ("none", other.port))
+        self.assertTrue(proxy.reload(path))
+        self.write(path, self.CONFIG % ("none", held.port))
+        self.assertTrue(proxy.reload(path))
+        self.assertEqual(self.state(proxy, held.port).active, 1, "the old session still counts")
+        self.assertEqual(asterisk(self.port(proxy), header("x")).status, "BUSY")
+        holder.close()
+        self.assertIdle(proxy)
+        self.assertEqual(asterisk(self.port(proxy), header("x")).commands, [b"ANSWER"])
+
+    def test_a_reload_does_not_wait_for_a_check_under_way(self):
+        hole = self.black_hole()
+        proxy = self.proxy(self.CONFIG % ("tcp", hole.port))
+        checker = proxy.checkers[0]
+
+        def checking():
+            frame = sys._current_frames().get(checker.ident)
+            while frame is not None:
+                if frame.f_code.co_name == "wait_for":
+                    return True
+                frame = frame.f_back
+            return False
+        wait_until(checking, message="a check waiting on the black hole")
+        path = os.path.join(self.tempdir(), "agiproxy.conf")
+        self.write(path, self.CONFIG % ("tcp", hole.port))
+        started = time.monotonic()
+        self.assertTrue(proxy.reload(path))
+        self.assertLess(time.monotonic() - started, 0.75, "check_timeout is 1.5 s")
+        self.assertIsNot(proxy.checkers[0], checker)
+        checker.join(TIMEOUT)
+        self.assertFalse(checker.is_alive())
+
+
+@unittest.skipUnless(hasattr(os, "killpg"), "needs process groups")
+class HostileHookTest(PoolCase):
+    """Issue 10: a hook is killed with its children; a failing hook's stderr is logged."""
+
+    def test_a_timed_out_hook_is_killed_with_its_children(self):
+        pidfile = os.path.join(self.tempdir(), "child.pid")
+        started = time.monotonic()
+        agiproxy.run_hook("on_saturation", ["sh", "-c", "sleep 60 & echo $! > %s; echo waiting >&2; wait" % pidfile],
+                          0.5)
+        self.assertLess(time.monotonic() - started, 3)
+        with open(pidfile) as handle:
+            pid = int(handle.read())
+        wait_until(lambda: process_gone(pid), message="the hook's child to be killed too")
+        self.assertTrue(self.log_has("on_saturation hook sh still running after 0.5s: killed with its process "
+                                     "group; stderr: waiting"))
+
+    def test_a_failing_hook_logs_the_end_of_its_stderr(self):
+        script = "for i in 1 2 3 4 5 6 7; do echo line $i >&2; done; exit 3"
+        agiproxy.run_hook("on_recovery", ["sh", "-c", script], 5)
+        self.assertTrue(self.log_has("exited with status 3; stderr: line 3 | line 4 | line 5 | line 6 | line 7"))
+        LOG.clear()
+        agiproxy.run_hook("on_recovery", ["sh", "-c", "exec 2>&-; exit 0"], 5)
+        self.assertTrue(self.log_has("on_recovery hook sh -c exec 2>&-; exit 0 done"))
+
+
+LAX_CA_CNF = """\
+[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = lax
+[laxca]
+basicConstraints = CA:TRUE
+[laxserver]
+subjectAltName = IP:127.0.0.1
+"""
+
+
+class HostileTlsTest(SecurityCase):
+    """Issue 10: a private CA without strict X.509 extensions verifies on every Python."""
+
+    def test_a_lax_private_ca_verifies_on_every_version(self):
+        directory = tempfile.mkdtemp(prefix="agiproxy-lax-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        with open(os.path.join(directory, "lax.cnf"), "w") as handle:
+            handle.write(LAX_CA_CNF)
+        newkey = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+        openssl(directory, "req", "-x509", "-config", "lax.cnf", "-extensions", "laxca", "-days", "2",
+                "-subj", "/CN=lax ca", "-keyout", "ca.key", "-out", "ca.pem", *newkey)
+        openssl(directory, "req", "-new", "-config", "lax.cnf", "-subj", "/CN=127.0.0.1",
+                "-keyout", "server.key", "-out", "server.csr", *newkey)
+        openssl(directory, "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-set_serial", "7", "-days", "2", "-extfile", "lax.cnf", "-extensions", "laxserver",
+                "-out", "server.pem")
+        context = tls12(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+        context.load_cert_chain(os.path.join(directory, "server.pem"), os.path.join(directory, "server.key"))
+        upstream = self.server(tls_context=context)
+        proxy = self.proxy("""
+            [agiproxy]
+            listen = 127.0.0.1:0
+            [pool main]
+            tls_ca = %s
+            servers = 127.0.0.1:%d tls
+            [route all]
+            path = *
+            pool = main
+        """ % (os.path.join(directory, "ca.pem"), upstream.port))
+        self.assertEqual(asterisk(self.port(proxy)).commands, SERVED)
+        self.assertEqual(len(upstream.headers), 1)
+        flags = agiproxy.make_client_context(proxy.upstreams.pools["main"].settings, True).verify_flags
+        self.assertEqual(flags & agiproxy.VERIFY_FLAGS_SINCE_313, 0)
+
+
+@unittest.skipUnless(sys.platform.startswith("linux"), "needs /proc and RLIMIT_NOFILE")
+class HostileStartupTest(ProgramCase):
+    """Issue 10: the start-up line's session estimate, and --check's regex warning."""
+
+    def test_the_start_up_line_estimates_sessions_from_the_descriptors_left(self):
+        upstream = self.server()
+        self.write_config("[pool main]\nservers = 127.0.0.1:%d\n[route all]\npath = *\npool = main\n" % upstream.port)
+        self.stderr = open(os.path.join(self.dir, "stderr"), "wb")
+        self.addCleanup(self.stderr.close)
+        self.child = subprocess.Popen([sys.executable, PROGRAM, "-c", self.conf], stdin=subprocess.DEVNULL,
+                                      stdout=self.stderr, stderr=self.stderr, preexec_fn=low_nofile(64))
+        self.addCleanup(self.kill, self.child)
+        self.wait_log("listening on")
+        line = [l for l in self.log_text().splitlines() if "open-file limit 64" in l][0]
+        allowed = int(re.search(r"allows about (\d+) sessions", line).group(1))
+        self.assertGreaterEqual(allowed, 15, line)
+        self.assertLessEqual(allowed, 28, line)
+        self.assertIn("WARNING", line)
+        self.assertIn("fewer than a sane floor of 100", line)
+
+    def test_check_warns_of_a_nested_quantifier(self):
+        self.write_config("[pool main]\nservers = h\n[route slow]\nagi_callerid = ^(\\d+)+$\npool = main\n")
+        status, out, err = self.run_cli("-c", self.conf, "--check")
+        self.assertEqual(status, 0)
+        self.assertIn("configuration OK", out)
+        self.assertIn("warning: route slow: agi_callerid = ^(\\d+)+$: the nested quantifier (\\d+)+", err)
 
 
 class CountingResult(unittest.TextTestResult):
