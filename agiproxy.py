@@ -3401,8 +3401,9 @@ def render_status_page(status, refresh):
             share = min(100, 100 * server["live"] // server["max"]) if server["max"] else 0
             cells = [
                 html_escape(server["name"]) + (" <small>backup</small>" if server["backup"] else ""),
-                '<span class="word %s">%s</span> <span class="why">%s since %s</span>' % (
-                    server["state"], server["state"], html_escape(server["why"]), format_age(now - server["since"])),
+                '<span class="word %s">%s</span> <span class="why">for %s%s</span>' % (
+                    server["state"], server["state"], format_age(now - server["since"]),
+                    html_escape(": " + server["why"] if server["why"] else "")),
                 '<span class="word %s">%s</span>' % (server["admin"], server["admin"]),
                 '<span class="bar"><span style="width:%d%%"></span></span>%d / %s' % (
                     share, server["live"], server["max"] or "&infin;"),
