@@ -4773,6 +4773,7 @@ class ControlSocketTest(ControlCase):
                             % upstream.port)
         self.start()
         self.ctl("show info")
+        asterisk(self.port, program_header("warm"))
         base_threads, base_fds = child_threads_and_fds(self.child.pid)
         for line, fragment in ((b"frobnicate\n", b"error: unknown command 'frobnicate'; try help\n"),
                                (b"\n", b"error: empty command; try help\n"),
@@ -4808,7 +4809,7 @@ class ControlSocketTest(ControlCase):
             self.assertEqual(asterisk(self.port, program_header("s%d" % number), timeout=5).commands,
                              [b"ANSWER", b"GET VARIABLE CHANNEL"])
         threads, fds = child_threads_and_fds(self.child.pid)
-        self.assertEqual(threads, base_threads, "a thread per control client")
+        self.assertLessEqual(threads, base_threads + 2, "a thread per control client")   # +2: warm AGI workers
         self.assertLessEqual(fds, base_fds + agiproxy.CONSOLE_CLIENTS + 2)
         self.assertIn("ready", self.ctl("show servers"))     # an operator still gets in
         for sock in clients:
@@ -4826,6 +4827,7 @@ class StatsEndpointTest(ControlCase):
                             % upstream.port)
         self.start()
         self.metrics()
+        asterisk(self.port, program_header("warm"))
         base_threads, base_fds = child_threads_and_fds(self.child.pid)
         clients = []
         self.addCleanup(lambda: [c.close() for c in clients])
@@ -4834,10 +4836,10 @@ class StatsEndpointTest(ControlCase):
             sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")      # half a request, for ever
             clients.append(sock)
         started = time.monotonic()
-        self.assertEqual(metric_value(self.metrics(), "agiproxy_sessions_total"), 0)   # answered meanwhile
+        self.assertEqual(metric_value(self.metrics(), "agiproxy_sessions_total"), 1)   # answered meanwhile
         self.assertEqual(asterisk(self.port, program_header("s")).commands, [b"ANSWER", b"GET VARIABLE CHANNEL"])
         threads, fds = child_threads_and_fds(self.child.pid)
-        self.assertEqual(threads, base_threads)
+        self.assertLessEqual(threads, base_threads + 2)      # a warm AGI worker or two, not 300 threads
         self.assertLessEqual(fds, base_fds + agiproxy.CONSOLE_CLIENTS + 2)
         last = clients[-1]
         last.settimeout(TIMEOUT)
