@@ -4905,6 +4905,8 @@ class StatsEndpointTest(ControlCase):
         self.assertNotRegex(page, r'(src|href)="(https?:)?//', "an external resource")
         chromium = shutil.which("chromium") or shutil.which("chromium-browser")
         if chromium is None:
+            if os.environ.get("AGIPROXY_REQUIRE_CHROMIUM") == "1":
+                self.fail("AGIPROXY_REQUIRE_CHROMIUM=1 but no chromium on PATH")
             self.skipTest("no chromium here (apt-get install chromium; .ci/run installs it)")
         url = "http://127.0.0.1:%d/" % self.stats_port
         flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
