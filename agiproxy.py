@@ -3139,8 +3139,9 @@ class Proxy(object):
                                                                        pool.state.sessions))
                 for member in pool.members:
                     state = member.state
-                    lines.append("  server %s%s: %s, %d/%s active, %d sessions, %d connect failures%s" % (
+                    lines.append("  server %s%s: %s%s, %d/%s active, %d sessions, %d connect failures%s" % (
                         member.name, " backup" if member.backup else "", "up" if state.up else "DOWN",
+                        "" if member.admin == READY else " (%s)" % member.admin,
                         state.active, member.max or "-", state.sessions, state.connect_failures,
                         " (%s)" % state.why_down if state.why_down else ""))
         return lines
