@@ -3182,9 +3182,9 @@ class Proxy(object):
         """``show sessions``: the live sessions, oldest first."""
         now = time.monotonic()
         with self.lock:
-            sessions = sorted(self.sessions, key=lambda s: s.started)
+            sessions = list(self.sessions)
         rows = []
-        for session in sessions:
+        for session in sorted(sessions, key=lambda s: s.started):
             member, pool, route = session.member, session.pool, session.route   # read once: they change
             rows.append({"client": session.client_name, "request": session.request_url,
                          "route": route.name if route else "-", "pool": pool.name if pool else "-",
@@ -3282,6 +3282,11 @@ class Proxy(object):
             metric("config_reloads_total", "counter", "Successful configuration reloads.", [((), stats.reloads)])
             metric("config_last_reload_success", "gauge", "1 when the last reload worked.", [((), stats.reload_ok)])
         return "".join(out)
+
+
+###############################################################################
+# Control socket, status page and metrics endpoint ############################
+###############################################################################
 
 
 def format_age(seconds):
