@@ -17,6 +17,8 @@ Usage::
     agiproxy.py --probe agi://host:4573/path [--arg A ...] [--var NAME=VALUE ...]
                                                 play Asterisk against a FastAGI server
     agiproxy.py -c FILE --daemon --pidfile /run/agiproxy.pid --user asterisk
+    agiproxy.py -c agiproxy.conf --ctl 'set server main/10.0.0.5:4573 state drain'
+                                                talk to the running proxy (control_socket)
 
 Signals: HUP reloads the configuration and reopens the log file; TERM or INT
 stop accepting and wait for live sessions (a second one exits at once); USR1
@@ -45,6 +47,7 @@ import signal
 import socket
 import socketserver
 import ssl
+import stat
 import struct
 import subprocess
 import sys
@@ -53,7 +56,7 @@ import time
 import urllib.parse
 import weakref
 import configparser
-import http.server
+import json
 
 __version__ = "1.0.0"
 
@@ -112,6 +115,19 @@ HOOK_POLL_STEP = 0.05
 RESOLVE_TTL = 30.0
 #: Buckets of the session duration histogram, in seconds.
 DURATION_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
+#: Clients the stats endpoint and the control socket each serve at once; past it the
+#: oldest one still sending its request is dropped, so a flood cannot lock an operator out.
+CONSOLE_CLIENTS = 64
+#: Longest request line (control) or request head (HTTP) read.
+CONSOLE_REQUEST_LIMIT = 8192
+#: How often a "wait server ... empty" looks at the count of live sessions.
+WAIT_POLL = 0.02
+#: sun_path holds 108 bytes on Linux, the final NUL included.
+UNIX_PATH_LIMIT = 107
+#: Seconds between reloads of the status page.
+STATUS_REFRESH = 5
+#: Text columns of a request in "show sessions".
+REQUEST_COLUMNS = 60
 
 #: How a session ended.  The first six are failures the dialplan reads in
 #: AGIPROXY_STATUS (then AGISTATUS=FAILURE); all show in the access log and /metrics.
@@ -129,6 +145,16 @@ ABORTED = "ABORTED"             # cut by drain_timeout, a second stop signal or 
 INTERNAL = "INTERNAL"           # a bug, logged with its traceback
 DENIED = "DENIED"               # refused by allow/deny before a byte was read
 REFUSED = "REFUSED"             # max_connections were waiting for a header or a server: closed at accept
+
+#: Admin states of a server in a pool (set server ... state, or drain/maint on its server line).
+READY = "ready"     # in service
+DRAIN = "drain"     # no new sessions; live ones go on; checks go on
+MAINT = "maint"     # no new sessions, no checks
+ADMIN_STATES = (READY, DRAIN, MAINT)
+#: Every reason, in the order the status page lists its counter.
+REASONS = (NOROUTE, NOUPSTREAM, BUSY, BADREQUEST, OVERLOADED, UPSTREAMLOST, TIMEOUT, BADHEADER, COMPLETED,
+           CLIENTLOST, ABORTED, INTERNAL, DENIED, REFUSED)
+
 #: How a server ended a session it ended first (passive health).
 FIN, RESET = "fin", "reset"
 
@@ -226,6 +252,14 @@ def parse_networks(text):
     return networks
 
 
+def network_allowed(host, allow, deny):
+    """The rule of every allow/deny pair: *host* matches no network of *deny*, and one of *allow* when it is set."""
+    address = ipaddress.ip_address(host.split("%")[0])
+    if getattr(address, "ipv4_mapped", None):
+        address = address.ipv4_mapped
+    return not any(address in net for net in deny) and (not allow or any(address in net for net in allow))
+
+
 def parse_command(text):
     """Split a hook command line the way a shell would, without running a shell."""
     try:
@@ -310,6 +344,12 @@ GLOBAL_OPTIONS = collections.OrderedDict([
     ("log_level", (choice("debug", "info", "warning", "error"), "info")),
     ("access_log", (parse_boolean, "yes")),
     ("stats_listen", (parse_address_list, "")),
+    ("stats_allow", (parse_networks, "127.0.0.0/8, ::1")),
+    ("stats_deny", (parse_networks, "")),
+    ("stats_timeout", (parse_duration, "5")),
+    ("control_socket", (text_value, "")),
+    ("control_group", (text_value, "")),
+    ("control_timeout", (parse_duration, "5")),
     ("drain_timeout", (parse_duration, "0")),
     ("spare_threads", (parse_count, "64")),
 ])
@@ -382,14 +422,14 @@ class PoolSpec(object):
         self.servers = servers  # list of ServerSpec
 
 
-ServerSpec = collections.namedtuple("ServerSpec", "host port weight max backup tls tls_verify")
+ServerSpec = collections.namedtuple("ServerSpec", "host port weight max backup tls tls_verify admin")
 
 
 def parse_server_line(line, pool_settings):
-    """Return a ServerSpec from ``host[:port] [weight=N] [max=N] [backup] [tls] [tls_verify=no]``."""
+    """Return a ServerSpec from ``host[:port] [weight=N] [max=N] [backup] [tls] [tls_verify=no] [drain|maint]``."""
     words = line.split()
     host, port = parse_address(words[0])
-    weight, maximum, backup, tls, verify = 1, 0, False, False, pool_settings.tls_verify
+    weight, maximum, backup, tls, verify, admin = 1, 0, False, False, pool_settings.tls_verify, READY
     for word in words[1:]:
         name, _, value = word.partition("=")
         if name == "weight" and value:
@@ -404,11 +444,14 @@ def parse_server_line(line, pool_settings):
             backup = True
         elif word == "tls":
             tls = True
+        elif word in (DRAIN, MAINT):
+            admin = word
         else:
-            raise ValueError("unknown server option %r (expected weight=N, max=N, backup, tls, tls_verify=no)" % word)
+            raise ValueError("unknown server option %r (expected weight=N, max=N, backup, tls, tls_verify=no, "
+                             "drain, maint)" % word)
     if port == 0:
         raise ValueError("server port must not be 0")
-    return ServerSpec(host, port, weight, maximum, backup, tls, verify)
+    return ServerSpec(host, port, weight, maximum, backup, tls, verify, admin)
 
 
 class _ConfigReader(object):
@@ -543,6 +586,20 @@ def _validate_global(reader, settings):
         raise reader.error("agiproxy", "max_header_bytes", "too small for an Asterisk header (at least 256)")
     if len(settings.stats_listen) > 1:
         raise reader.error("agiproxy", "stats_listen", "one address only")
+    for key in ("stats_timeout", "control_timeout"):
+        if getattr(settings, key) <= 0:
+            raise reader.error("agiproxy", key, "must be more than 0")
+    if settings.control_socket and not settings.control_socket.startswith("/"):
+        raise reader.error("agiproxy", "control_socket", "needs an absolute path (--daemon runs in /)")
+    if len(settings.control_socket.encode("utf-8")) > UNIX_PATH_LIMIT:
+        raise reader.error("agiproxy", "control_socket", "longer than a Unix socket path may be (%d bytes)"
+                           % UNIX_PATH_LIMIT)
+    if settings.control_group:
+        import grp
+        try:
+            grp.getgrnam(settings.control_group)
+        except KeyError:
+            raise reader.error("agiproxy", "control_group", "no such group")
     if settings.log not in ("stderr", "syslog") and not settings.log.startswith("/"):
         raise reader.error("agiproxy", "log", "expected stderr, syslog or an absolute file path")
 
@@ -1015,6 +1072,11 @@ class ServerState(object):
         self.trial = False
         self.early_closes = 0
         self.check_streak = 0       # > 0: checks passed in a row, < 0: failed in a row
+        self.since = time.time()    # when it last went up or down (wall clock, for people)
+        self.last_check = None      # (when, None or why it failed) of the last active check
+        self.admin = {}             # pool name -> READY, DRAIN or MAINT
+        self.weights = {}           # pool name -> (weight in the file, weight set at run time)
+        self.ends = collections.Counter()   # how the sessions it took ended, by reason
         self.sessions = 0
         self.connect_failures = 0
         self.bytes_up = 0
@@ -1035,6 +1097,7 @@ class ServerState(object):
             return False    # a session sent here before the server went down: same outage
         self.up, self.trial, self.why_down = False, False, why
         self.retry_at = now + self.backoff
+        self.since = time.time()
         self.early_closes = 0
         return was_up
 
@@ -1042,7 +1105,20 @@ class ServerState(object):
         """Record a success; return True when this brought the server back."""
         was_down = not self.up
         self.up, self.trial, self.why_down, self.backoff = True, False, "", 0.0
+        if was_down:
+            self.since = time.time()
         return was_down
+
+    def set_admin(self, pool, admin, now):
+        """Put the server in admin state *admin* for *pool*; return the state it leaves.
+
+        Back to ready, a server that is down gets its half-open try at once
+        (pools with checks wait for rise of them: the checks decide there)."""
+        before = self.admin.get(pool, READY)
+        self.admin[pool] = admin
+        if admin == READY and not self.up:
+            self.retry_at = min(self.retry_at, now)
+        return before
 
     def judge_session(self, spoke, header_read, upstream_end, trial, early_close_limit):
         """Passive health from one ended session: True when it shows the server works,
@@ -1072,9 +1148,15 @@ class ServerState(object):
 class Member(object):
     """One server line of one pool: the shared state plus this pool's weight, max and flags."""
 
-    def __init__(self, spec, state, tls_context):
+    def __init__(self, pool, spec, state, tls_context):
         self.state = state
-        self.weight = spec.weight
+        self.pool = pool
+        self.file_weight = spec.weight
+        file_weight, self.weight = state.weights.get(pool, (spec.weight, spec.weight))
+        if file_weight != spec.weight:      # the file changed since weight was set at run time: the file wins
+            del state.weights[pool]
+            self.weight = spec.weight
+        state.admin.setdefault(pool, spec.admin)    # a state set at run time outlives a reload
         self.max = spec.max
         self.backup = spec.backup
         self.tls_context = tls_context   # None for plain TCP
@@ -1086,6 +1168,15 @@ class Member(object):
 
     def full(self):
         return bool(self.max) and self.state.active >= self.max
+
+    @property
+    def admin(self):
+        return self.state.admin.get(self.pool, READY)
+
+    def set_weight(self, weight):
+        """A weight set at run time: kept by a reload unless the file's weight for it changes."""
+        self.weight = weight
+        self.state.weights[self.pool] = (self.file_weight, weight)
 
 
 class PoolState(object):
@@ -1119,7 +1210,7 @@ class Pool(object):
                 context = contexts[server.tls_verify]
             key = (server.host, server.port, server.tls)
             state = states.setdefault(key, ServerState(server.host, server.port, server.tls))
-            self.members.append(Member(server, state, context))
+            self.members.append(Member(self.name, server, state, context))
         self.primaries = [m for m in self.members if not m.backup]
         self.backups = [m for m in self.members if m.backup]
         self.capacity = sum(m.max for m in self.members) if all(m.max for m in self.members) else 0
@@ -1169,7 +1260,7 @@ class Pool(object):
         busy = False
         for member in order:
             state = member.state
-            if member in tried or not state.available(now, self.trials):
+            if member in tried or member.admin != READY or not state.available(now, self.trials):
                 continue
             if member.full():
                 busy = True
@@ -1652,6 +1743,8 @@ class HealthChecker(threading.Thread):
         settings = self.pool.settings
         while not self.stopping.is_set():
             for member in self.pool.members:
+                if member.admin == MAINT:
+                    continue
                 why = check_server(member, settings)
                 if self.stopping.is_set():      # stopped meanwhile (a reload): not ours to apply
                     return
@@ -1823,7 +1916,7 @@ class Session(object):
         member, trial = self.proxy.reserve(self.pool, self.order, self.tried)
         if member is None:
             why = "no server could take the session" if self.tried else \
-                ("every server is busy" if trial == BUSY else "every server is down")
+                ("every server is busy" if trial == BUSY else "every server is down or out of service (drain, maint)")
             return trial, "pool %s: %s" % (self.pool.name, why)
         self.tried.append(member)
         self.member, self.trial = member, trial       # ours now: the session's end gives it back
@@ -2965,7 +3058,7 @@ class Proxy(object):
         self.max_connections = connection_limit(config.settings)     # of the others
         self.stats = Stats()
         self.listeners = collections.OrderedDict()   # (tls, host, port) as configured -> AgiListener
-        self.stats_server = None
+        self.console = Console(self)       # stats_listen and control_socket
         self.checkers = []
         self.workers = WorkerPool(self, config.settings.spare_threads)
         self.relay = Relay(self)
@@ -2973,15 +3066,25 @@ class Proxy(object):
         self.draining = False
         self.daemon = False
         self.wakeup_fd = None
+        self.started, self.started_at = time.monotonic(), time.time()
+        self.open_files = 0     # the open-file limit, once main() has raised it
 
     # -- life cycle --------------------------------------------------------
 
     def bind(self):
         """Open every listening socket; raise OSError naming the address that failed."""
         self.listeners = self._open_listeners(self.settings, {})
-        if self.settings.stats_listen:
-            self.stats_server = self._open(lambda: StatsServer(self, self.settings.stats_listen[0]),
-                                           "stats_listen", self.settings.stats_listen[0])
+        try:
+            if self.settings.stats_listen:
+                self.console.add(self._open(lambda: StatsEndpoint(self, self.settings.stats_listen[0]),
+                                            "stats_listen", self.settings.stats_listen[0]))
+            if self.settings.control_socket:
+                self.console.add(ControlEndpoint(self, self.settings.control_socket, self.settings.control_group))
+        except OSError:
+            for listener in self.listeners.values():
+                listener.server_close()
+            self.console.stop()
+            raise
 
     def _open_listeners(self, settings, existing):
         """Return listeners for *settings*, reusing those in *existing*; close new ones on failure."""
@@ -3015,8 +3118,7 @@ class Proxy(object):
         self.relay.start()
         for listener in self.listeners.values():
             self.relay.listen(listener)
-        if self.stats_server is not None:
-            threading.Thread(target=self.stats_server.serve_forever, name="stats", daemon=True).start()
+        self.console.start()
         self._start_checkers()
         for listener in self.listeners.values():
             log.info("listening on %s", listener.name)
@@ -3050,13 +3152,10 @@ class Proxy(object):
             done.wait(DRAIN_ACCEPT_GRACE + 5)
 
     def shutdown(self):
-        """Stop everything: listeners, checks, stats endpoint, live sessions and idle workers."""
+        """Stop everything: listeners, checks, stats endpoint and control socket, live sessions and idle workers."""
         self.stop_listening()
         self._stop_checkers(wait=True)
-        if self.stats_server is not None:
-            self.stats_server.shutdown()
-            self.stats_server.server_close()
-            self.stats_server = None
+        self.console.stop()
         self.abort_sessions("shutdown")
         self.relay.stop()
         self.workers.stop()
@@ -3075,7 +3174,7 @@ class Proxy(object):
             return False
         removed = [l for key, l in self.listeners.items() if key not in listeners]
         added = [l for key, l in listeners.items() if key not in self.listeners]
-        needs_restart = [key for key in ("stats_listen", "spare_threads", "backlog")
+        needs_restart = [key for key in ("stats_listen", "spare_threads", "backlog", "control_socket", "control_group")
                          if getattr(config.settings, key) != getattr(self.settings, key)]
         if needs_restart:
             log.warning("%s changed: restart agiproxy to apply (backlog applies to new listeners now)",
@@ -3116,6 +3215,7 @@ class Proxy(object):
             if member is not None:
                 state = member.state
                 state.sessions += 1
+                state.ends[session.end] += 1
                 state.bytes_up += session.bytes_up
                 state.bytes_down += session.bytes_down
                 pool.state.sessions += 1
@@ -3214,6 +3314,7 @@ class Proxy(object):
         said = []
         with self.lock:
             state = member.state
+            state.last_check = (time.time(), why)
             if why is None:
                 state.check_streak = max(state.check_streak, 0) + 1
                 if not state.up and state.check_streak >= settings.rise:
@@ -3272,12 +3373,7 @@ class Proxy(object):
             return False
         allow, deny = (settings.tls_allow or settings.allow, settings.tls_deny or settings.deny) if tls \
             else (settings.allow, settings.deny)
-        if not allow and not deny:
-            return True
-        address = ipaddress.ip_address(client_address[0].split("%")[0])
-        if getattr(address, "ipv4_mapped", None):
-            address = address.ipv4_mapped
-        if not any(address in net for net in deny) and (not allow or any(address in net for net in allow)):
+        if not allow and not deny or network_allowed(client_address[0], allow, deny):
             return True
         self.count_failure(DENIED)
         self.limited_log("deny", logging.WARNING, "%s: denied by %sallow/deny; closed",
@@ -3337,11 +3433,94 @@ class Proxy(object):
                                                                        pool.state.sessions))
                 for member in pool.members:
                     state = member.state
-                    lines.append("  server %s%s: %s, %d/%s active, %d sessions, %d connect failures%s" % (
+                    lines.append("  server %s%s: %s%s, %d/%s active, %d sessions, %d connect failures%s" % (
                         member.name, " backup" if member.backup else "", "up" if state.up else "DOWN",
+                        "" if member.admin == READY else " (%s)" % member.admin,
                         state.active, member.max or "-", state.sessions, state.connect_failures,
                         " (%s)" % state.why_down if state.why_down else ""))
         return lines
+
+    def status(self):
+        """Everything the status page, /status.json and ``show servers``/``show info`` show, as plain data."""
+        now = time.time()
+        with self.lock:
+            stats = self.stats
+            pools = []
+            for pool in self.upstreams.pools.values():
+                servers = []
+                for member in pool.members:
+                    state = member.state
+                    failures = dict((reason, n) for reason, n in state.ends.items() if reason != COMPLETED and n)
+                    if state.connect_failures:
+                        failures["connect"] = state.connect_failures
+                    checked, check = state.last_check or (None, None)
+                    servers.append({
+                        "name": member.name, "host": state.host, "port": state.port, "tls": state.tls,
+                        "backup": member.backup, "state": "up" if state.up else "down", "why": state.why_down,
+                        "since": state.since, "admin": member.admin, "live": state.active, "max": member.max,
+                        "weight": member.weight, "sessions": state.sessions, "failures": failures,
+                        "checked": checked if pool.settings.check != "none" else None, "check": check})
+                pools.append({"name": pool.name, "mode": pool.mode, "live": pool.active,
+                              "sessions": pool.state.sessions, "capacity": pool.capacity, "servers": servers})
+            return {"version": __version__, "python": sys.version.split()[0], "pid": os.getpid(), "now": now,
+                    "started": self.started_at, "uptime": time.monotonic() - self.started,
+                    "config": self.config.source, "reloads": stats.reloads,
+                    "last_reload": "ok" if stats.reload_ok else "failed", "sessions_live": len(self.sessions),
+                    "slots_held": self.active, "sessions_total": stats.sessions,
+                    "connections_total": stats.connections, "max_sessions": self.settings.max_sessions,
+                    "open_files": self.open_files, "draining": self.draining,
+                    "failures": dict((reason, stats.failures[reason]) for reason in REASONS if reason != COMPLETED),
+                    "pools": pools}
+
+    def live_session_list(self):
+        """``show sessions``: the live sessions, oldest first."""
+        now = time.monotonic()
+        with self.lock:
+            sessions = list(self.sessions)
+        rows = []
+        for session in sorted(sessions, key=lambda s: s.started):
+            member, pool, route = session.member, session.pool, session.route   # read once: they change
+            rows.append({"client": session.client_name, "request": session.request_url,
+                         "route": route.name if route else "-", "pool": pool.name if pool else "-",
+                         "server": member.name if member else "-", "age": now - session.started,
+                         "bytes_up": session.bytes_up, "bytes_down": session.bytes_down})
+        return rows
+
+    def find_member(self, text):
+        """``(pool, member)`` for ``POOL/HOST:PORT`` (``/tls`` after it for a TLS server), else why not."""
+        pool_name, _, server = text.partition("/")
+        with self.lock:
+            pool = self.upstreams.pools.get(pool_name)
+            if pool is None:
+                return "no pool %r (expected POOL/HOST:PORT)" % pool_name
+            matches = [m for m in pool.members if server in (m.name, format_address(m.state.host, m.state.port))]
+            names = ", ".join(m.name for m in pool.members)
+        if len(matches) != 1:
+            return "%s server %r in pool %s (it has %s)" % ("no" if not matches else "more than one", server,
+                                                             pool_name, names)
+        return pool, matches[0]
+
+    def set_admin(self, pool, member, admin):
+        with self.lock:
+            before = member.state.set_admin(pool.name, admin, time.monotonic())
+        if before != admin:
+            log.warning("server %s of pool %s: %s -> %s (control socket)", member.name, pool.name, before, admin)
+        return Answer(True, "%s/%s: %s (was %s)\n" % (pool.name, member.name, admin, before),
+                      {"server": "%s/%s" % (pool.name, member.name), "admin": admin, "was": before})
+
+    def set_weight(self, pool, member, weight):
+        with self.lock:
+            before = member.weight
+            member.set_weight(weight)
+        log.warning("server %s of pool %s: weight %d -> %d (control socket)", member.name, pool.name, before, weight)
+        return Answer(True, "%s/%s: weight %d (was %d)\n" % (pool.name, member.name, weight, before),
+                      {"server": "%s/%s" % (pool.name, member.name), "weight": weight, "was": before})
+
+    def live_sessions(self, pool_name, member):
+        """Live sessions of pool *pool_name* holding a slot on *member*'s server."""
+        with self.lock:
+            return sum(1 for s in self.sessions if s.member is not None and s.member.state is member.state
+                       and s.pool is not None and s.pool.name == pool_name)
 
     def metrics(self):
         """The Prometheus text exposition of the counters."""
@@ -3376,6 +3555,9 @@ class Proxy(object):
                    [(l, int(m.state.up)) for l, (p, m) in zip(labels, members)])
             metric("server_sessions_active", "gauge", "Live sessions per server.",
                    [(l, m.state.active) for l, (p, m) in zip(labels, members)])
+            metric("server_admin_state", "gauge", "1 for the admin state the server is in (ready, drain, maint).",
+                   [(l + (("state", admin),), int(m.admin == admin)) for l, (p, m) in zip(labels, members)
+                    for admin in ADMIN_STATES])
             metric("server_sessions_max", "gauge", "max= of the server line (0: no limit).",
                    [(l, m.max) for l, (p, m) in zip(labels, members)])
             metric("server_sessions_total", "counter", "Ended sessions per server.",
@@ -3400,32 +3582,625 @@ class Proxy(object):
         return "".join(out)
 
 
-class _StatsHandler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        if self.path.split("?")[0] != "/metrics":
-            self.send_error(404, "try /metrics")
-            return
-        body = self.server.proxy.metrics().encode("utf-8")
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format, *args):
-        log.debug("stats %s: " + format, self.client_address[0], *args)
+###############################################################################
+# Control socket, status page and metrics endpoint ############################
+###############################################################################
 
 
-class StatsServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    """``GET /metrics`` in Prometheus text format (stats_listen)."""
+def format_age(seconds):
+    """``42s``, ``7m03s``, ``5h02m`` or ``3d04h``: how long ago, for people."""
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return "%ds" % seconds
+    if seconds < 3600:
+        return "%dm%02ds" % divmod(seconds, 60)
+    if seconds < 86400:
+        return "%dh%02dm" % (seconds // 3600, seconds % 3600 // 60)
+    return "%dd%02dh" % (seconds // 86400, seconds % 86400 // 3600)
 
-    daemon_threads = True
-    allow_reuse_address = True
+
+def format_table(headings, rows):
+    """Rows of text as columns aligned under *headings*, one line each."""
+    rows = [headings] + [[str(cell) for cell in row] for row in rows]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(headings))]
+    return "".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() + "\n"
+                   for row in rows)
+
+
+def format_counts(counts):
+    return " ".join("%s=%d" % item for item in sorted(counts.items()) if item[1]) or "-"
+
+
+def describe_check(server, now):
+    if server["checked"] is None:
+        return "-"
+    return "%s %s ago" % ("ok" if server["check"] is None else "failed: %s" % server["check"],
+                          format_age(now - server["checked"]))
+
+
+def render_servers(status):
+    """``show servers``: one line per pool and server."""
+    now = status["now"]
+    rows = [[pool["name"] + "/" + server["name"], server["state"] + (" (%s)" % server["why"] if server["why"] else ""),
+             format_age(now - server["since"]), server["admin"],
+             "%d/%s" % (server["live"], server["max"] or "-"), server["weight"], server["sessions"],
+             format_counts(server["failures"]), describe_check(server, now)]
+            for pool in status["pools"] for server in pool["servers"]]
+    return format_table(["SERVER", "STATE", "SINCE", "ADMIN", "LIVE/MAX", "WEIGHT", "SESSIONS", "FAILURES",
+                         "LAST CHECK"], rows)
+
+
+def render_sessions(sessions):
+    """``show sessions``: one line per live session."""
+    rows = [[s["client"], printable(s["request"], REQUEST_COLUMNS), s["route"], s["pool"], s["server"],
+             format_age(s["age"]), s["bytes_up"], s["bytes_down"]] for s in sessions]
+    return format_table(["CLIENT", "REQUEST", "ROUTE", "POOL", "SERVER", "AGE", "BYTES UP", "BYTES DOWN"], rows)
+
+
+def render_info(status):
+    """``show info``: the proxy as a whole."""
+    limits = "max_sessions %s, open-file limit %s" % (status["max_sessions"] or "unlimited", status["open_files"])
+    lines = [("version", "agiproxy %s on Python %s, pid %d" % (status["version"], status["python"], status["pid"])),
+             ("uptime", format_age(status["uptime"])),
+             ("config", status["config"]),
+             ("reloads", "%d, last %s" % (status["reloads"], status["last_reload"])),
+             ("sessions", "%d live (%d holding a server slot), %d ended, %d connections" % (
+                 status["sessions_live"], status["slots_held"], status["sessions_total"],
+                 status["connections_total"])),
+             ("failures", format_counts(status["failures"])),
+             ("limits", limits),
+             ("state", "draining" if status["draining"] else "serving")]
+    return "".join("%-9s %s\n" % line for line in lines)
+
+
+def html_escape(value):
+    return str(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+
+
+STATUS_PAGE_STYLE = """
+body{font:15px/1.4 system-ui,sans-serif;margin:0;padding:12px;background:#f6f7f9;color:#1d232b}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:18px;margin:20px 0 6px}h2 small{font-weight:normal;color:#59626e}
+.facts,.failures{display:flex;flex-wrap:wrap;gap:6px 18px;margin:4px 0;padding:0;list-style:none}
+.failures li{background:#fff;border:1px solid #d8dde3;border-radius:4px;padding:2px 8px}
+.failures .hot{border-color:#c62828;color:#c62828;font-weight:bold}
+table{border-collapse:collapse;width:100%;background:#fff;border:1px solid #d8dde3}
+th,td{text-align:left;padding:6px 8px;border-bottom:1px solid #e6e9ed;vertical-align:middle;white-space:nowrap}
+th{background:#eef1f4;font-weight:600}
+.word{display:inline-block;min-width:3.5em;text-align:center;border-radius:3px;padding:1px 6px;color:#fff;font-weight:600}
+.up{background:#2e7d32}.down{background:#c62828}.ready{background:#546e7a}.drain{background:#ef6c00}.maint{background:#6a1b9a}
+.bar{display:inline-block;width:90px;height:10px;background:#e6e9ed;border-radius:5px;vertical-align:middle;margin-right:6px}
+.bar span{display:block;height:100%;border-radius:5px;background:#1565c0}
+.why{color:#59626e;white-space:normal}
+@media (max-width:720px){table,tbody,tr,td{display:block;width:auto}thead{display:none}
+tr{margin:0 0 10px;border:1px solid #d8dde3;background:#fff}td{border:0;padding:3px 8px;white-space:normal}
+td:before{content:attr(data-label);display:inline-block;min-width:7em;color:#59626e}}
+"""
+
+
+def render_status_page(status, refresh):
+    """The status page (GET /): every pool and server, the proxy's counters; no external resource."""
+    now = status["now"]
+    out = ['<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+           '<meta name="viewport" content="width=device-width, initial-scale=1">'
+           '<meta http-equiv="refresh" content="%d"><title>agiproxy status</title><style>%s</style></head><body>'
+           % (refresh, STATUS_PAGE_STYLE)]
+    out.append('<h1>agiproxy %s</h1><ul class="facts" id="info"><li>up %s</li><li>%s</li>'
+               '<li>reloads %d, last <b id="last-reload">%s</b></li><li id="live">%d live sessions</li>'
+               '<li>%d ended</li><li>%s</li></ul>' % (
+                   html_escape(status["version"]), format_age(status["uptime"]), html_escape(status["config"]),
+                   status["reloads"], status["last_reload"], status["sessions_live"], status["sessions_total"],
+                   "draining" if status["draining"] else "serving"))
+    out.append('<ul class="failures" id="failures">')
+    for reason, count in sorted(status["failures"].items(), key=lambda item: REASONS.index(item[0])):
+        out.append('<li%s data-reason="%s">%s <b>%d</b></li>' % (' class="hot"' if count else "", reason, reason,
+                                                                 count))
+    out.append("</ul>")
+    labels = ["Server", "State", "Admin", "Live / max", "Weight", "Sessions", "Failures", "Last check"]
+    for pool in status["pools"]:
+        out.append('<h2 id="pool-%s">pool %s <small>%s, %d live, %d sessions</small></h2><table><thead><tr>%s'
+                   '</tr></thead><tbody>' % (html_escape(pool["name"]), html_escape(pool["name"]), pool["mode"],
+                                             pool["live"], pool["sessions"],
+                                             "".join("<th>%s</th>" % label for label in labels)))
+        for server in pool["servers"]:
+            share = min(100, 100 * server["live"] // server["max"]) if server["max"] else 0
+            cells = [
+                html_escape(server["name"]) + (" <small>backup</small>" if server["backup"] else ""),
+                '<span class="word %s">%s</span> <span class="why">for %s%s</span>' % (
+                    server["state"], server["state"], format_age(now - server["since"]),
+                    html_escape(": " + server["why"] if server["why"] else "")),
+                '<span class="word %s">%s</span>' % (server["admin"], server["admin"]),
+                '<span class="bar"><span style="width:%d%%"></span></span>%d / %s' % (
+                    share, server["live"], server["max"] or "&infin;"),
+                server["weight"], server["sessions"], html_escape(format_counts(server["failures"])),
+                html_escape(describe_check(server, now))]
+            out.append('<tr class="server" data-server="%s/%s" data-state="%s" data-admin="%s">%s</tr>' % (
+                html_escape(pool["name"]), html_escape(server["name"]), server["state"], server["admin"],
+                "".join('<td data-label="%s">%s</td>' % (label, cell) for label, cell in zip(labels, cells))))
+        out.append("</tbody></table>")
+    out.append("<p><small>Refreshes every %ds. Also: <a href=\"/status.json\">/status.json</a>, "
+               "<a href=\"/metrics\">/metrics</a>.</small></p></body></html>\n" % refresh)
+    return "".join(out)
+
+
+def http_response(status, body, content_type="text/plain; charset=utf-8", head_only=False, extra=()):
+    """A whole HTTP/1.0 answer; the connection closes after it."""
+    if not isinstance(body, bytes):
+        body = body.encode("utf-8")
+    lines = ["HTTP/1.0 %s" % status, "Content-Type: %s" % content_type, "Content-Length: %d" % len(body),
+             "Cache-Control: no-store", "Connection: close"] + list(extra)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head_only else body)
+
+
+def parse_http_request(head):
+    """Return ``(method, path)`` from an HTTP request head; raise ValueError if it is not HTTP/1."""
+    words = head.split(b"\n", 1)[0].split()
+    if len(words) != 3 or not words[2].startswith(b"HTTP/1.") or not words[1].startswith(b"/"):
+        raise ValueError("not an HTTP/1 request line")
+    return decode(words[0]), decode(words[1]).split("?")[0]
+
+
+Answer = collections.namedtuple("Answer", "ok text data")
+
+
+class WaitEmpty(object):
+    """A ``wait server POOL/HOST:PORT empty TIMEOUT`` in progress; the console polls it."""
+
+    def __init__(self, proxy, pool, member, timeout):
+        self.proxy, self.pool, self.member, self.timeout = proxy, pool, member, timeout
+        self.deadline = time.monotonic() + timeout
+
+    def poll(self, now):
+        """An Answer once the server's live sessions of the pool are 0 or the time is up; else None."""
+        live = self.proxy.live_sessions(self.pool, self.member)
+        name = "%s/%s" % (self.pool, self.member.name)
+        if not live:
+            return Answer(True, "%s: no live session\n" % name, {"server": name, "live": 0})
+        if now >= self.deadline:
+            return Answer(False, "%s: still %d live sessions after %gs" % (name, live, self.timeout),
+                          {"server": name, "live": live})
+        return None
+
+
+class ControlCommands(object):
+    """The control socket's line protocol, in the manner of HAProxy's runtime API.
+
+    run() takes one command line and returns an Answer (ok, text, data for
+    --json) or, for ``wait``, a WaitEmpty to poll.  A line starting with
+    ``json`` asks for the answer as one JSON object.
+    """
+
+    HELP = [("help", "this list"),
+            ("show info", "version, uptime, configuration, reloads, sessions, limits"),
+            ("show servers", "every pool and server: state, admin state, live/max, weight, counters"),
+            ("show sessions", "live sessions: client, request, route, pool, server, age, bytes"),
+            ("set server POOL/HOST:PORT state ready|drain|maint", "drain: no new sessions, checks go on; "
+                                                                  "maint: no new sessions, no checks"),
+            ("set server POOL/HOST:PORT weight N", "until a reload changes its weight in the file"),
+            ("wait server POOL/HOST:PORT empty TIMEOUT", "until its live sessions in POOL are 0 (fails after "
+                                                         "TIMEOUT)")]
+
+    def __init__(self, proxy):
+        self.proxy = proxy
+
+    def run(self, line):
+        words = line.split()
+        if words == ["help"]:
+            return Answer(True, format_table(["COMMAND", "WHAT"], self.HELP), [c for c, _ in self.HELP])
+        if words == ["show", "info"]:
+            status = self.proxy.status()
+            return Answer(True, render_info(status), dict((k, v) for k, v in status.items() if k != "pools"))
+        if words == ["show", "servers"]:
+            status = self.proxy.status()
+            return Answer(True, render_servers(status), status["pools"])
+        if words == ["show", "sessions"]:
+            sessions = self.proxy.live_session_list()
+            return Answer(True, render_sessions(sessions), sessions)
+        if words[:2] == ["set", "server"] and len(words) == 5 and words[3] in ("state", "weight"):
+            found = self.proxy.find_member(words[2])
+            if isinstance(found, str):
+                return Answer(False, found, None)
+            if words[3] == "state":
+                if words[4] not in ADMIN_STATES:
+                    return Answer(False, "state must be ready, drain or maint, not %r" % words[4], None)
+                return self.proxy.set_admin(found[0], found[1], words[4])
+            try:
+                weight = parse_count(words[4])
+                if weight < 1:
+                    raise ValueError("weight must be 1 or more")
+            except ValueError as exc:
+                return Answer(False, str(exc), None)
+            return self.proxy.set_weight(found[0], found[1], weight)
+        if words[:2] == ["wait", "server"] and len(words) == 5 and words[3] == "empty":
+            found = self.proxy.find_member(words[2])
+            if isinstance(found, str):
+                return Answer(False, found, None)
+            try:
+                timeout = parse_duration(words[4])
+            except ValueError as exc:
+                return Answer(False, "TIMEOUT: %s" % exc, None)
+            return WaitEmpty(self.proxy, found[0].name, found[1], timeout)
+        if not words:
+            return Answer(False, "empty command; try help", None)
+        return Answer(False, "unknown command %r; try help" % printable(line.encode("utf-8"), 80), None)
+
+
+def encode_answer(answer, as_json):
+    """An Answer as the bytes the control socket sends."""
+    if as_json:
+        return json.dumps({"ok": answer.ok, "error": None if answer.ok else answer.text,
+                           "text": answer.text if answer.ok else "", "data": answer.data}, sort_keys=True).encode() + b"\n"
+    return encode(answer.text if answer.ok else "error: %s\n" % answer.text)
+
+
+class ConsoleClient(object):
+    """One connection to the stats endpoint or the control socket: what it sent, what it is owed."""
+
+    def __init__(self, sock, name, endpoint, deadline):
+        self.sock, self.name, self.endpoint = sock, name, endpoint
+        self.deadline = deadline
+        self.received = b""
+        self.outgoing = b""         # the answer, once there is one
+        self.waiting = None         # a WaitEmpty in progress
+        self.as_json = False
+
+    @property
+    def answered(self):
+        return bool(self.outgoing) or self.waiting is not None
+
+
+class StatsEndpoint(object):
+    """stats_listen: ``GET /`` (the status page), ``/status.json`` and ``/metrics``."""
+
+    name = "stats"
 
     def __init__(self, proxy, address):
         self.proxy = proxy
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        http.server.HTTPServer.__init__(self, address, _StatsHandler)
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.socket.bind(address)
+            self.socket.listen(CONSOLE_CLIENTS)
+        except OSError:
+            self.socket.close()
+            raise
+        self.address = self.socket.getsockname()[:2]
+        self.clients = collections.OrderedDict()    # oldest first
+
+    def timeout(self):
+        return self.proxy.settings.stats_timeout
+
+    def admit(self, peer):
+        settings = self.proxy.settings
+        return network_allowed(peer[0], settings.stats_allow, settings.stats_deny)
+
+    def peer_name(self, peer):
+        return format_address(peer[0], peer[1])
+
+    @staticmethod
+    def complete(received, start):
+        """The request head once it is all there, else None."""
+        for end in (b"\r\n\r\n", b"\n\n"):
+            if received.find(end, max(0, start - len(end) + 1)) >= 0:
+                return received
+        return None
+
+    def answer(self, client, head):
+        try:
+            method, path = parse_http_request(head)
+        except ValueError:
+            self.proxy.limited_log("console", logging.WARNING, "%s: stats: not an HTTP request; closed", client.name)
+            return http_response("400 Bad Request", "not an HTTP/1 request\n")
+        head_only = method == "HEAD"
+        if method not in ("GET", "HEAD"):
+            return http_response("405 Method Not Allowed", "GET only\n", extra=["Allow: GET, HEAD"])
+        if path == "/":
+            body, kind = render_status_page(self.proxy.status(), STATUS_REFRESH), "text/html; charset=utf-8"
+        elif path == "/status.json":
+            body, kind = json.dumps(self.proxy.status(), sort_keys=True, indent=1) + "\n", "application/json"
+        elif path == "/metrics":
+            body, kind = self.proxy.metrics(), "text/plain; version=0.0.4; charset=utf-8"
+        else:
+            return http_response("404 Not Found", "try /, /status.json or /metrics\n", head_only=head_only)
+        return http_response("200 OK", body, kind, head_only)
+
+    def too_long(self, client):
+        self.proxy.limited_log("console", logging.WARNING, "%s: stats: request head over %d bytes; closed",
+                               client.name, CONSOLE_REQUEST_LIMIT)
+        return http_response("431 Request Header Fields Too Large", "request head too long\n")
+
+
+class ControlEndpoint(object):
+    """control_socket: one command line per connection, one answer, then the socket closes."""
+
+    name = "control"
+
+    def __init__(self, proxy, path, group):
+        self.proxy = proxy
+        self.path = path
+        self.socket = bind_control_socket(path, group)
+        self.inode = os.stat(path).st_ino
+        self.commands = ControlCommands(proxy)
+        self.clients = collections.OrderedDict()
+
+    def timeout(self):
+        return self.proxy.settings.control_timeout
+
+    def admit(self, peer):
+        return True     # the file's mode is the ACL
+
+    def peer_name(self, peer):
+        return "control socket client"
+
+    @staticmethod
+    def complete(received, start):
+        end = received.find(b"\n", start)
+        return received[:end] if end >= 0 else None
+
+    def answer(self, client, line):
+        try:
+            text = line.rstrip(b"\r").decode("utf-8")
+            if "\x00" in text:
+                raise ValueError("NUL byte")
+        except ValueError:
+            self.proxy.limited_log("console", logging.WARNING, "control socket: a line that is not text; closed")
+            return encode_answer(Answer(False, "not a command line (UTF-8 text, no NUL)", None), False)
+        words = text.split(None, 1)
+        client.as_json = bool(words) and words[0] == "json"
+        if client.as_json:
+            text = words[1] if len(words) > 1 else ""
+        result = self.commands.run(text)
+        if isinstance(result, WaitEmpty):
+            return result
+        return encode_answer(result, client.as_json)
+
+    def too_long(self, client):
+        self.proxy.limited_log("console", logging.WARNING, "control socket: line over %d bytes; closed",
+                               CONSOLE_REQUEST_LIMIT)
+        return encode_answer(Answer(False, "line too long", None), False)
+
+    def remove(self):
+        """Remove the socket file, unless another process has put its own there since."""
+        try:
+            if os.stat(self.path).st_ino == self.inode:
+                os.unlink(self.path)
+        except OSError as exc:
+            log.info("cannot remove control socket %s: %s (the next start replaces it)", self.path,
+                     describe_error(exc))
+
+
+def bind_control_socket(path, group):
+    """Listen on a Unix stream socket at *path*, mode 0600 (0660 and owned by *group* if given).
+
+    A socket file nobody answers on (left by a crash) is replaced; one that
+    answers belongs to a running process: OSError."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None:
+        if not stat.S_ISSOCK(mode):
+            raise OSError(errno.EEXIST, "control_socket = %s: exists and is not a socket" % path)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.settimeout(1.0)
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)      # stale: its process is gone
+        except OSError as exc:
+            raise OSError(exc.errno, "control_socket = %s: %s" % (path, describe_error(exc)))
+        else:
+            raise OSError(errno.EADDRINUSE, "control_socket = %s: another process (agiproxy?) is serving it"
+                          % path)
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    mask = os.umask(0o117 if group else 0o177)      # created with its mode: no moment open to others
+    try:
+        sock.bind(path)
+        if group:
+            import grp
+            os.chown(path, -1, grp.getgrnam(group).gr_gid)
+        sock.listen(CONSOLE_CLIENTS)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, "control_socket = %s: %s" % (path, describe_error(exc)))
+    except KeyError:
+        sock.close()
+        raise OSError(errno.EINVAL, "control_group = %s: no such group" % group)
+    finally:
+        os.umask(mask)
+    return sock
+
+
+class Console(object):
+    """The stats endpoint and the control socket, served by one thread with one selector.
+
+    Nothing here can hold a thread or a descriptor for long: every client
+    has a deadline (stats_timeout, control_timeout, or its wait's own
+    timeout), each endpoint serves at most CONSOLE_CLIENTS at once (the
+    oldest one still sending is dropped for a new one), requests are
+    bounded, and reads and writes never block.  The relay never waits on it.
+    """
+
+    def __init__(self, proxy):
+        self.proxy = proxy
+        self.endpoints = []
+        self.selector = None
+        self.thread = None
+        self.stopping = threading.Event()
+        self.wake_read = self.wake_write = None
+        self.paused = {}        # endpoint -> when accepting resumes (out of descriptors)
+
+    def add(self, endpoint):
+        self.endpoints.append(endpoint)
+
+    def start(self):
+        if not self.endpoints:
+            return
+        self.selector = selectors.DefaultSelector()
+        self.wake_read, self.wake_write = socket.socketpair()
+        self.selector.register(self.wake_read, READ, None)
+        for endpoint in self.endpoints:
+            endpoint.socket.setblocking(False)
+            self.selector.register(endpoint.socket, READ, endpoint)
+        self.thread = threading.Thread(target=self.run, name="console", daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        """Close every client and endpoint; remove the control socket file."""
+        self.stopping.set()
+        if self.thread is not None:
+            try:
+                self.wake_write.send(b"\0")
+            except OSError:
+                pass
+            self.thread.join(5)
+        for endpoint in self.endpoints:
+            for client in list(endpoint.clients):
+                close_quietly(client.sock)
+            endpoint.socket.close()
+            if isinstance(endpoint, ControlEndpoint):
+                endpoint.remove()
+        self.endpoints = []
+
+    def run(self):
+        while not self.stopping.is_set():
+            try:
+                self._turn()
+            except Exception:   # a bug costs one answer, never the endpoints
+                log.exception("console: internal error")
+        self.selector.close()
+        self.wake_read.close()
+        self.wake_write.close()
+
+    def _turn(self):
+        clients = [c for e in self.endpoints for c in e.clients]
+        times = [c.deadline for c in clients] + list(self.paused.values())
+        if any(c.waiting is not None for c in clients):
+            times.append(time.monotonic() + WAIT_POLL)
+        timeout = max(0.0, min(times) - time.monotonic()) if times else None
+        for key, mask in self.selector.select(timeout):
+            if key.data is None:
+                self.wake_read.recv(64)
+            elif isinstance(key.data, ConsoleClient):
+                client = key.data
+                if client in client.endpoint.clients:
+                    if mask & WRITE:
+                        self._send(client)
+                    elif mask & READ:
+                        self._receive(client)
+            else:
+                self._accept(key.data)
+        now = time.monotonic()
+        for client in clients:
+            if client not in client.endpoint.clients:
+                continue
+            if client.waiting is not None:
+                answer = client.waiting.poll(now)
+                if answer is not None:
+                    client.waiting = None
+                    self._reply(client, encode_answer(answer, client.as_json))
+            elif now >= client.deadline:
+                self.proxy.limited_log("console", logging.WARNING, "%s: %s: %s after %gs; closed", client.name,
+                                       client.endpoint.name, "answer not read" if client.outgoing else
+                                       "no complete request", client.endpoint.timeout())
+                self._close(client)
+        for endpoint, when in list(self.paused.items()):
+            if when <= now:
+                del self.paused[endpoint]
+                self.selector.register(endpoint.socket, READ, endpoint)
+
+    def _accept(self, endpoint):
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, peer = endpoint.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in LOCAL_SHORTAGE:
+                    self.proxy.limited_log("console", logging.ERROR, "%s: cannot accept: %s; pausing for 1s",
+                                           endpoint.name, describe_error(exc))
+                    self.selector.unregister(endpoint.socket)
+                    self.paused[endpoint] = time.monotonic() + 1.0
+                return
+            name = endpoint.peer_name(peer)
+            if not endpoint.admit(peer):
+                self.proxy.limited_log("console-deny", logging.WARNING, "%s: denied by stats_allow/stats_deny; "
+                                                                        "closed", peer[0])
+                sock.close()
+                continue
+            if len(endpoint.clients) >= CONSOLE_CLIENTS and not self._make_room(endpoint):
+                self.proxy.limited_log("console", logging.WARNING, "%s: %s: %d clients already; closed", name,
+                                       endpoint.name, CONSOLE_CLIENTS)
+                sock.close()
+                continue
+            sock.setblocking(False)
+            client = ConsoleClient(sock, name, endpoint, time.monotonic() + endpoint.timeout())
+            endpoint.clients[client] = True
+            self.selector.register(sock, READ, client)
+
+    def _make_room(self, endpoint):
+        """Drop the oldest client still sending its request; False when every client has been answered."""
+        for client in endpoint.clients:
+            if not client.answered:
+                self.proxy.limited_log("console", logging.WARNING, "%s: %s: dropped for a newer client (%d at once)",
+                                       client.name, endpoint.name, CONSOLE_CLIENTS)
+                self._close(client)
+                return True
+        return False
+
+    def _receive(self, client):
+        try:
+            data = client.sock.recv(4096)
+        except WOULD_BLOCK:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(client)     # gone, or has sent all it will: nobody to answer
+            return
+        if client.answered:
+            return                  # more after the request: ignored
+        start = len(client.received)
+        client.received += data
+        request = client.endpoint.complete(client.received, start)
+        if request is not None:
+            answer = client.endpoint.answer(client, request)
+            if isinstance(answer, WaitEmpty):
+                client.waiting = answer
+                client.deadline = answer.deadline + client.endpoint.timeout()
+            else:
+                self._reply(client, answer)
+        elif len(client.received) > CONSOLE_REQUEST_LIMIT:
+            self._reply(client, client.endpoint.too_long(client))
+
+    def _reply(self, client, data):
+        client.outgoing = data
+        client.deadline = time.monotonic() + client.endpoint.timeout()
+        self._send(client)
+
+    def _send(self, client):
+        try:
+            sent = client.sock.send(client.outgoing)
+        except WOULD_BLOCK:
+            sent = 0
+        except OSError:
+            self._close(client)
+            return
+        client.outgoing = client.outgoing[sent:]
+        if client.outgoing:
+            self.selector.modify(client.sock, WRITE, client)
+        else:
+            self._close(client)
+
+    def _close(self, client):
+        client.endpoint.clients.pop(client, None)
+        try:
+            self.selector.unregister(client.sock)
+        except (KeyError, ValueError):
+            pass
+        close_quietly(client.sock)
 
 
 ###############################################################################
@@ -3820,6 +4595,42 @@ def explain(config, url, variables=None, out=sys.stdout):
     return 0
 
 
+def control(path, command, as_json=False, timeout=5.0, out=sys.stdout, err=sys.stderr):
+    """Send *command* to the control socket at *path* and print the answer.
+
+    Returns 0 when it was done, 1 when the proxy refused it (the reason goes
+    to *err*), 2 when the socket cannot be reached or the answer read."""
+    words = command.split()
+    if words[:1] == ["wait"]:
+        try:
+            timeout += parse_duration(words[-1])    # the proxy answers once the wait is over
+        except (ValueError, IndexError):
+            pass                                    # the proxy says what is wrong with it
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    received = b""
+    try:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(b"json " + command.encode("utf-8") + b"\n")
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+        answer = json.loads(received.decode("utf-8"))
+    except (OSError, ValueError) as exc:
+        err.write("agiproxy: control socket %s: %s\n" % (path, describe_error(exc) if isinstance(exc, OSError)
+                                                         else "not an answer: %s" % printable(received, 200)))
+        return 2
+    finally:
+        sock.close()
+    if not answer["ok"]:
+        err.write("agiproxy: %s\n" % answer["error"])
+        return 1
+    out.write(json.dumps(answer["data"], indent=1, sort_keys=True) + "\n" if as_json else answer["text"])
+    return 0
+
+
 ###############################################################################
 # Command line ################################################################
 ###############################################################################
@@ -3854,6 +4665,10 @@ def build_parser():
     parser.add_argument("--pidfile", help="write the process id here")
     parser.add_argument("--user", help="run as this user once the sockets are bound")
     parser.add_argument("--group", help="run as this group once the sockets are bound")
+    parser.add_argument("--ctl", metavar="COMMAND", help="send COMMAND to the running proxy's control socket "
+                                                          "(--ctl help lists them); exit 1 if refused, 2 if unreachable")
+    parser.add_argument("--socket", metavar="PATH", help="--ctl: the control socket (default: control_socket of -c)")
+    parser.add_argument("--json", action="store_true", help="--ctl: print the answer as JSON")
     parser.add_argument("--version", action="version", version="agiproxy " + __version__)
     return parser
 
@@ -3870,11 +4685,18 @@ def main(argv=None):
         except (ValueError, OSError) as exc:      # a bad URL, an unreadable --ca
             sys.stderr.write("agiproxy: %s\n" % describe_error(exc))
             return 2
+    if args.ctl is not None and args.socket:
+        return control(args.socket, args.ctl, args.json)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         sys.stderr.write("agiproxy: %s\n" % exc)
         return 2
+    if args.ctl is not None:
+        if not config.settings.control_socket:
+            sys.stderr.write("agiproxy: %s: control_socket is not set (or give --socket PATH)\n" % args.config)
+            return 2
+        return control(config.settings.control_socket, args.ctl, args.json, config.settings.control_timeout)
     if args.check:
         for warning in regex_warnings(config):
             sys.stderr.write("agiproxy: %s: warning: %s\n" % (args.config, warning))
@@ -3911,6 +4733,7 @@ def _serve(config, args):
     files = raise_open_file_limit()
     proxy = Proxy(config)
     proxy.daemon = args.daemon
+    proxy.open_files = files
     try:
         proxy.bind()
     except OSError as exc:

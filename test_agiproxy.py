@@ -12,6 +12,7 @@ import atexit
 import codecs
 import collections
 import errno
+import json
 import logging
 import os
 import queue
@@ -3946,7 +3947,7 @@ class MetricsEndpointTest(ProgramCase):
                           % upstream.port, stats=True)
         self.start()
         with self.assertRaises(urllib.error.HTTPError) as caught:
-            self.metrics_text("/")
+            self.metrics_text("/nope")
         self.assertEqual(caught.exception.code, 404)
         caught.exception.close()
 
@@ -5277,6 +5278,421 @@ class HostileStartupTest(ProgramCase):
         self.assertEqual(status, 0)
         self.assertIn("configuration OK", out)
         self.assertIn("warning: route slow: agi_callerid = ^(\\d+)+$: the nested quantifier (\\d+)+", err)
+
+
+###############################################################################
+# Runtime control and the status page (issue 11), a bounded stats endpoint ###
+# (issue 10, item 1) ##########################################################
+###############################################################################
+
+
+class AdminStatePureTest(unittest.TestCase):
+    """Admin states and run-time weights, without sockets."""
+
+    def test_server_line_options_and_reserve_skips_drain_and_maint(self):
+        pool = pool_of(["10.0.0.1 drain", "10.0.0.2 maint", "10.0.0.3"])
+        self.assertEqual([m.admin for m in pool.members], ["drain", "maint", "ready"])
+        self.assertEqual(pick(pool), "10.0.0.3:4573")
+        pool.members[2].state.set_admin("p", agiproxy.DRAIN, 0.0)
+        self.assertEqual(pick(pool), agiproxy.NOUPSTREAM)
+        pool.members[0].state.set_admin("p", agiproxy.READY, 0.0)
+        self.assertEqual(pick(pool), "10.0.0.1:4573")
+        with self.assertRaises(agiproxy.ConfigError) as caught:
+            pool_of(["10.0.0.1 drained"])
+        self.assertIn("drain, maint", str(caught.exception))
+
+    def test_drain_in_one_pool_leaves_another_pool_on_the_same_address(self):
+        config = make_config("[agiproxy]\n[pool a]\nservers = 10.0.0.1\n[pool b]\nservers = 10.0.0.1\n")
+        upstreams = agiproxy.Upstreams(config)
+        a, b = upstreams.pools["a"], upstreams.pools["b"]
+        self.assertIs(a.members[0].state, b.members[0].state)
+        a.members[0].state.set_admin("a", agiproxy.DRAIN, 0.0)
+        self.assertEqual((pick(a), pick(b)), (agiproxy.NOUPSTREAM, "10.0.0.1:4573"))
+
+    def test_ready_gives_a_down_server_its_trial_at_once(self):
+        pool = pool_of(["10.0.0.1"], extra="retry_after = 30\nretry_after_max = 30")
+        state = pool.members[0].state
+        state.mark_down(100.0, "test", 30, 30)
+        self.assertEqual(pick(pool, now=101.0), agiproxy.NOUPSTREAM)
+        state.set_admin("p", agiproxy.MAINT, 101.0)
+        state.set_admin("p", agiproxy.READY, 101.0)
+        member, trial = pool.reserve(pool.order({}), [], 101.0)
+        self.assertEqual((member.name, trial), ("10.0.0.1:4573", True))
+
+    def test_admin_state_and_run_time_weight_survive_a_reload_unless_the_file_changes_the_weight(self):
+        text = "[agiproxy]\n[pool p]\nmode = round-robin\nservers =\n    10.0.0.1 %s\n    10.0.0.2 maint\n"
+        old = agiproxy.Upstreams(make_config(text % "weight=2"))
+        first, second = old.pools["p"].members
+        first.state.set_admin("p", agiproxy.DRAIN, 0.0)
+        second.state.set_admin("p", agiproxy.READY, 0.0)    # the file's maint applies to a new server only
+        first.set_weight(5)
+        new = agiproxy.Upstreams(make_config(text % "weight=2"), previous=old)
+        self.assertEqual([(m.admin, m.weight) for m in new.pools["p"].members], [("drain", 5), ("ready", 1)])
+        edited = agiproxy.Upstreams(make_config(text % "weight=3"), previous=new)
+        self.assertEqual([(m.admin, m.weight) for m in edited.pools["p"].members], [("drain", 3), ("ready", 1)])
+
+    def test_tables_and_ages(self):
+        self.assertEqual(agiproxy.format_table(["A", "LONGER"], [["xyz", 1], ["b", 22]]),
+                         "A    LONGER\nxyz  1\nb    22\n")
+        self.assertEqual([agiproxy.format_age(s) for s in (5, 65, 3700, 90000)], ["5s", "1m05s", "1h01m", "1d01h"])
+
+    def test_http_request_line(self):
+        self.assertEqual(agiproxy.parse_http_request(b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\n\r\n"),
+                         ("GET", "/metrics"))
+        for bad in (b"GET /\r\n\r\n", b"\x16\x03\x01 junk HTTP/1.1\r\n\r\n", b"GET metrics HTTP/1.1\r\n\r\n",
+                    b"SSH-2.0-OpenSSH\r\n\r\n"):
+            self.assertRaises(ValueError, agiproxy.parse_http_request, bad)
+
+    def test_stats_acl_default_is_loopback(self):
+        settings = make_config("[agiproxy]\n").settings
+        allowed = lambda host: agiproxy.network_allowed(host, settings.stats_allow, settings.stats_deny)
+        self.assertEqual([allowed(h) for h in ("127.0.0.1", "127.8.9.1", "::1", "::ffff:127.0.0.1", "10.0.0.1",
+                                               "::2")], [True, True, True, True, False, False])
+        self.assertEqual(make_config("[agiproxy]\nstats_allow =\n").settings.stats_allow, [])
+
+    def test_control_keys_are_checked(self):
+        for text, fragment in (("control_socket = run/x.sock", "absolute path"),
+                               ("control_socket = /" + "x" * 120, "Unix socket path"),
+                               ("control_group = no-such-group-here", "no such group"),
+                               ("control_timeout = 0", "more than 0"), ("stats_timeout = 0", "more than 0")):
+            with self.assertRaises(agiproxy.ConfigError) as caught:
+                make_config("[agiproxy]\n" + text + "\n")
+            self.assertIn(fragment, str(caught.exception))
+            self.assertIn("<test>:2: [agiproxy]", str(caught.exception))
+
+
+def child_threads_and_fds(pid):
+    with open("/proc/%d/status" % pid) as handle:
+        threads = int(re.search(r"(?m)^Threads:\s+(\d+)", handle.read()).group(1))
+    return threads, len(os.listdir("/proc/%d/fd" % pid))
+
+
+def unix_command(path, line, timeout=TIMEOUT):
+    """Send raw *line* bytes to the control socket; return everything it answers."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+        sock.sendall(line)
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    finally:
+        sock.close()
+
+
+class ControlCase(ProgramCase):
+    """The real program with a control socket (and a stats endpoint) in a child process."""
+
+    def setUp(self):
+        ProgramCase.setUp(self)
+        self.socket_path = os.path.join(self.dir, "ctl.sock")
+
+    def control_config(self, body, extra=""):
+        self.write_config(body, stats=True, extra="control_socket = %s\ncontrol_timeout = 1\nstats_timeout = 1\n%s"
+                          % (self.socket_path, textwrap.dedent(extra)))
+
+    def ctl(self, command, expect=0, *options):
+        status, out, err = self.run_cli("-c", self.conf, "--ctl", command, *options, timeout=TIMEOUT * 2)
+        self.assertEqual(status, expect, "--ctl %r exited %d:\n%s\n%s" % (command, status, out, err))
+        return out if expect == 0 else err
+
+    def servers(self):
+        """``show servers --json``: 'pool/server' -> its record."""
+        pools = json.loads(self.ctl("show servers", 0, "--json"))
+        return dict(("%s/%s" % (p["name"], s["name"]), s) for p in pools for s in p["servers"])
+
+    def live(self):
+        return json.loads(self.ctl("show sessions", 0, "--json"))
+
+
+class ControlSocketTest(ControlCase):
+
+    def test_socket_mode_stale_and_live_sockets_removal_and_cli_exit_codes(self):
+        upstream = self.server()
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stale.bind(self.socket_path)
+        stale.close()          # what a crash leaves: a socket file nobody listens on
+        self.control_config("[pool main]\nservers = 127.0.0.1:%d\n[route all]\npath = *\npool = main\n"
+                            % upstream.port)
+        self.start()
+        self.assertEqual(stat.S_IMODE(os.stat(self.socket_path).st_mode), 0o600)
+        self.assertIn("main/127.0.0.1:%d" % upstream.port, self.ctl("show servers"))
+        self.assertIn("agiproxy %s" % agiproxy.__version__, self.ctl("show info"))
+        self.assertIn("wait server POOL/HOST:PORT empty TIMEOUT", self.ctl("help"))
+        # refused: exit 1 and the reason on stderr
+        self.assertIn("no pool 'nope'", self.ctl("set server nope/127.0.0.1:1 state drain", 1))
+        self.assertIn("no server '127.0.0.1:1' in pool main", self.ctl("set server main/127.0.0.1:1 state drain", 1))
+        self.assertIn("state must be ready, drain or maint", self.ctl("set server main/127.0.0.1:%d state off"
+                                                                      % upstream.port, 1))
+        self.assertIn("unknown command 'frobnicate'", self.ctl("frobnicate", 1))
+        self.assertIn("weight must be 1 or more", self.ctl("set server main/127.0.0.1:%d weight 0" % upstream.port,
+                                                           1))
+        # unreachable: exit 2
+        status, _, err = self.run_cli("--socket", os.path.join(self.dir, "none.sock"), "--ctl", "help")
+        self.assertEqual(status, 2, err)
+        self.assertIn("No such file", err)
+        other = os.path.join(self.dir, "other.conf")
+        with open(other, "w") as handle:
+            handle.write("[agiproxy]\nlisten = 127.0.0.1:0\n")
+        status, _, err = self.run_cli("-c", other, "--ctl", "help")
+        self.assertEqual((status, "control_socket is not set" in err), (2, True), err)
+        # a second proxy on the same live socket: a clear start-up error, and the first keeps its socket
+        second = os.path.join(self.dir, "second.conf")
+        with open(second, "w") as handle:
+            handle.write("[agiproxy]\nlisten = 127.0.0.1:%d\ncontrol_socket = %s\n" % (free_port(), self.socket_path))
+        status, _, err = self.run_cli("-c", second)
+        self.assertEqual(status, 1, err)
+        self.assertIn("control_socket = %s: another process (agiproxy?) is serving it" % self.socket_path, err)
+        self.assertNotIn("Traceback", err)
+        self.assertIn("ready", self.ctl("show servers"))
+        self.signal(signal.SIGTERM)
+        self.assertEqual(self.wait_exit(), 0)
+        self.assertFalse(os.path.exists(self.socket_path), "the socket file is removed at exit")
+
+    def test_control_group_makes_the_socket_0660(self):
+        import grp
+        group = grp.getgrgid(os.getgid()).gr_name
+        self.control_config("", extra="control_group = %s\n" % group)
+        self.start()
+        info = os.stat(self.socket_path)
+        self.assertEqual((stat.S_IMODE(info.st_mode), info.st_gid), (0o660, os.getgid()))
+
+    def test_drain_under_load_wait_empty_then_ready(self):
+        gate = threading.Event()
+        servers = [self.server(behaviour=held_script(gate)) for _ in range(2)]
+        a, b = ["main/127.0.0.1:%d" % s.port for s in servers]
+        self.control_config("[pool main]\nmode = round-robin\nservers =\n    127.0.0.1:%d\n    127.0.0.1:%d\n"
+                            "[route all]\npath = *\npool = main\n" % (servers[0].port, servers[1].port))
+        self.start()
+        held = [AsteriskThread(self.port, program_header("h%d" % n)) for n in range(4)]
+        wait_until(lambda: [len(s.headers) for s in servers] == [2, 2], message="2 held sessions on each server")
+        self.assertIn("drain (was ready)", self.ctl("set server %s state drain" % a))
+        self.assertIn("still 2 live sessions after 0.2s", self.ctl("wait server %s empty 200ms" % a, 1))
+        waiter = subprocess.Popen([sys.executable, PROGRAM, "-c", self.conf, "--ctl", "wait server %s empty 30" % a],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+        self.addCleanup(self.kill, waiter)
+        # under load: new sessions all go to b while a's live ones go on untouched
+        load = [AsteriskThread(self.port, program_header("n%d" % n)) for n in range(12)]
+        wait_until(lambda: len(servers[1].headers) == 14, message="every new session on the ready server")
+        self.assertEqual(len(servers[0].headers), 2, "a session reached the drained server")
+        self.assertIsNone(waiter.poll(), "wait returned while sessions were live")
+        self.assertEqual(self.servers()[a]["admin"], "drain")
+        self.assertEqual(sorted(s["server"] for s in self.live()).count(a.split("/")[1]), 2)
+        gate.set()
+        out, err = waiter.communicate(timeout=TIMEOUT)
+        self.assertEqual(waiter.returncode, 0, err)
+        self.assertIn("no live session", out)
+        for thread in held + load:
+            thread.join(TIMEOUT)
+            self.assertEqual(thread.result.commands, [b"ANSWER", b"GET VARIABLE CHANNEL"], thread.error)
+            self.assertFalse(thread.result.failed)
+        self.assertEqual(self.servers()[a]["sessions"], 2)
+        self.ctl("set server %s state ready" % a)
+        for number in range(4):
+            asterisk(self.port, program_header("r%d" % number))
+        self.assertEqual([len(s.headers) for s in servers], [4, 16])
+        self.assertIn("ready -> drain (control socket)", self.log_text())
+
+    def test_weight_changes_the_split(self):
+        servers = [self.server() for _ in range(2)]
+        self.control_config("[pool main]\nmode = round-robin\nservers =\n    127.0.0.1:%d\n    127.0.0.1:%d\n"
+                            "[route all]\npath = *\npool = main\n" % (servers[0].port, servers[1].port))
+        self.start()
+        self.assertIn("weight 3 (was 1)", self.ctl("set server main/127.0.0.1:%d weight 3" % servers[0].port))
+        for number in range(8):
+            asterisk(self.port, program_header("w%d" % number))
+        self.assertEqual([len(s.headers) for s in servers], [6, 2])
+
+    def test_maint_stops_checks_states_survive_sighup_and_ready_restarts_them(self):
+        servers = [self.server() for _ in range(2)]
+        a, b = ["main/127.0.0.1:%d" % s.port for s in servers]
+        body = ("[pool main]\ncheck = tcp\ncheck_interval = 100ms\nservers =\n    127.0.0.1:%d\n    127.0.0.1:%d drain\n"
+                "[route all]\npath = *\npool = main\n" % (servers[0].port, servers[1].port))
+        self.control_config(body)
+        self.start()
+        self.assertEqual(self.servers()[b]["admin"], "drain")
+        wait_until(lambda: servers[0].accepted >= 2 and servers[1].accepted >= 2, message="checks of both")
+        self.ctl("set server %s state maint" % a)
+        frozen = servers[0].accepted
+        start = servers[1].accepted
+        wait_until(lambda: servers[1].accepted >= start + 5, message="5 more checks of the other server")
+        self.assertLessEqual(servers[0].accepted, frozen + 1, "a server in maint was checked")   # one in flight
+        self.control_config(body)          # SIGHUP: the run-time states outlive the reload
+        self.signal(signal.SIGHUP)
+        self.wait_log("configuration reloaded")
+        states = self.servers()
+        self.assertEqual((states[a]["admin"], states[b]["admin"]), ("maint", "drain"))
+        noupstream = asterisk(self.port, program_header("x"))
+        self.assertEqual((noupstream.failed, noupstream.status), (True, "NOUPSTREAM"))
+        self.ctl("set server %s state ready" % a)
+        frozen = servers[0].accepted
+        wait_until(lambda: servers[0].accepted >= frozen + 2, message="checks of the server back to ready")
+        self.assertEqual(asterisk(self.port, program_header("y")).commands, [b"ANSWER", b"GET VARIABLE CHANNEL"])
+
+    def test_hostile_control_clients_never_block_sessions(self):
+        upstream = self.server()
+        self.control_config("[pool main]\nservers = 127.0.0.1:%d\n[route all]\npath = *\npool = main\n"
+                            % upstream.port)
+        self.start()
+        self.ctl("show info")
+        asterisk(self.port, program_header("warm"))
+        base_threads, base_fds = child_threads_and_fds(self.child.pid)
+        for line, fragment in ((b"frobnicate\n", b"error: unknown command 'frobnicate'; try help\n"),
+                               (b"\n", b"error: empty command; try help\n"),
+                               (b"show servers\x00\n", b"error: not a command line"),
+                               (b"\xff\xfe\n", b"error: not a command line"),
+                               (b"x" * 9000, b"error: line too long\n"),
+                               (b"set server main state drain\n", b"error: no server '' in pool main"),
+                               (b"show servers please\n", b"error: unknown command"),
+                               (b"wait server main/127.0.0.1:%d empty soon\n" % upstream.port, b"error: TIMEOUT:")):
+            self.assertTrue(unix_command(self.socket_path, line).startswith(fragment), line)
+        # a client that never ends its line is dropped after control_timeout
+        silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(silent.close)
+        silent.connect(self.socket_path)
+        silent.sendall(b"show serv")
+        started = time.monotonic()
+        silent.settimeout(TIMEOUT)
+        self.assertEqual(silent.recv(100), b"")
+        self.assertLess(time.monotonic() - started, 3.0)
+        # 1000 clients at once, each sending half a line, while sessions are served
+        clients = []
+        for _ in range(1000):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                sock.connect(self.socket_path)
+                sock.send(b"show")
+            except OSError:
+                pass        # the backlog is full: refused, which is fine
+            clients.append(sock)
+        self.addCleanup(lambda: [c.close() for c in clients])
+        for number in range(20):
+            self.assertEqual(asterisk(self.port, program_header("s%d" % number), timeout=5).commands,
+                             [b"ANSWER", b"GET VARIABLE CHANNEL"])
+        threads, fds = child_threads_and_fds(self.child.pid)
+        self.assertLessEqual(threads, base_threads + 2, "a thread per control client")   # +2: warm AGI workers
+        self.assertLessEqual(fds, base_fds + agiproxy.CONSOLE_CLIENTS + 2)
+        self.assertIn("ready", self.ctl("show servers"))     # an operator still gets in
+        for sock in clients:
+            sock.close()
+        wait_until(lambda: child_threads_and_fds(self.child.pid)[1] <= base_fds, message="descriptors back")
+        self.assertIn("control socket: line over 8192 bytes; closed", self.log_text())
+
+
+class StatsEndpointTest(ControlCase):
+    """Issue 10, item 1: the stats endpoint cannot exhaust the proxy; and the status page."""
+
+    def test_half_requests_cost_no_thread_and_are_dropped_at_stats_timeout(self):
+        upstream = self.server()
+        self.control_config("[pool main]\nservers = 127.0.0.1:%d\n[route all]\npath = *\npool = main\n"
+                            % upstream.port)
+        self.start()
+        self.metrics()
+        asterisk(self.port, program_header("warm"))
+        base_threads, base_fds = child_threads_and_fds(self.child.pid)
+        clients = []
+        self.addCleanup(lambda: [c.close() for c in clients])
+        for _ in range(300):
+            sock = socket.create_connection(("127.0.0.1", self.stats_port), TIMEOUT)
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")      # half a request, for ever
+            clients.append(sock)
+        started = time.monotonic()
+        self.assertEqual(metric_value(self.metrics(), "agiproxy_sessions_total"), 1)   # answered meanwhile
+        self.assertEqual(asterisk(self.port, program_header("s")).commands, [b"ANSWER", b"GET VARIABLE CHANNEL"])
+        threads, fds = child_threads_and_fds(self.child.pid)
+        self.assertLessEqual(threads, base_threads + 2)      # a warm AGI worker or two, not 300 threads
+        self.assertLessEqual(fds, base_fds + agiproxy.CONSOLE_CLIENTS + 2)
+        last = clients[-1]
+        last.settimeout(TIMEOUT)
+        self.assertEqual(last.recv(100), b"", "a half request is closed at stats_timeout")
+        self.assertLess(time.monotonic() - started, 3.0)
+        wait_until(lambda: child_threads_and_fds(self.child.pid)[1] <= base_fds, message="descriptors back")
+
+    def raw_http(self, request):
+        sock = socket.create_connection(("127.0.0.1", self.stats_port), TIMEOUT)
+        try:
+            sock.sendall(request)
+            sock.settimeout(TIMEOUT)
+            chunks = []
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return b"".join(chunks)
+                chunks.append(chunk)
+        finally:
+            sock.close()
+
+    def test_methods_paths_garbage_and_acl(self):
+        self.control_config("", extra="stats_deny = 127.0.0.2\n")
+        self.start()
+        self.assertTrue(self.raw_http(b"POST /metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.0 405"))
+        self.assertTrue(self.raw_http(b"GET /nope HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.0 404"))
+        self.assertTrue(self.raw_http(b"\x16\x03\x01\x00\x05hello\n\n").startswith(b"HTTP/1.0 400"))
+        self.assertTrue(self.raw_http(b"GET /" + b"a" * 9000).startswith(b"HTTP/1.0 431"))
+        head = self.raw_http(b"HEAD /status.json HTTP/1.1\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.0 200") and head.endswith(b"\r\n\r\n"), head)
+        denied = socket.socket()
+        denied.bind(("127.0.0.2", 0))
+        denied.connect(("127.0.0.1", self.stats_port))
+        denied.settimeout(TIMEOUT)
+        try:
+            denied.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+            self.assertEqual(denied.recv(100), b"")
+        except ConnectionResetError:
+            pass
+        finally:
+            denied.close()
+        self.wait_log("127.0.0.2: denied by stats_allow/stats_deny; closed")
+
+    def test_status_json_and_the_page_in_a_real_browser(self):
+        up, down = self.server(), dead_port()
+        self.control_config("[pool main]\nmode = round-robin\nretry_after = 30\nservers =\n    127.0.0.1:%d\n"
+                            "    127.0.0.1:%d\n[route all]\npath = *\npool = main\n" % (up.port, down))
+        self.start()
+        for number in range(3):
+            asterisk(self.port, program_header("p%d" % number))       # one of them marks the dead one down
+        self.ctl("set server main/127.0.0.1:%d state drain" % up.port)
+        status = json.loads(self.metrics_text("/status.json")[0])
+        servers = dict((s["port"], s) for s in status["pools"][0]["servers"])
+        self.assertEqual((servers[up.port]["state"], servers[up.port]["admin"]), ("up", "drain"))
+        self.assertEqual((servers[down]["state"], servers[down]["admin"]), ("down", "ready"))
+        self.assertEqual(servers[down]["failures"], {"connect": 1})
+        self.assertEqual(set(status["failures"]), set(agiproxy.REASONS) - {agiproxy.COMPLETED})
+        samples = self.metrics()
+        self.assertEqual(metric_value(samples, "agiproxy_server_admin_state", pool="main",
+                                      server="127.0.0.1:%d" % up.port, state="drain"), 1)
+        page, kind = self.metrics_text("/")
+        self.assertTrue(kind.startswith("text/html"))
+        self.assertNotRegex(page, r'(src|href)="(https?:)?//', "an external resource")
+        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+        if chromium is None:
+            if os.environ.get("AGIPROXY_REQUIRE_CHROMIUM") == "1":
+                self.fail("AGIPROXY_REQUIRE_CHROMIUM=1 but no chromium on PATH")
+            self.skipTest("no chromium here (apt-get install chromium; .ci/run installs it)")
+        url = "http://127.0.0.1:%d/" % self.stats_port
+        flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                 "--user-data-dir=%s" % os.path.join(self.dir, "chromium")]
+        dom = subprocess.run(flags + ["--dump-dom", url], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             timeout=60, universal_newlines=True).stdout
+        for port, state, admin in ((up.port, "up", "drain"), (down, "down", "ready")):
+            row = re.search(r'<tr class="server" data-server="main/127.0.0.1:%d" data-state="(\w+)" '
+                            r'data-admin="(\w+)">(.*?)</tr>' % port, dom)
+            self.assertIsNotNone(row, "no row for server %d in the rendered DOM" % port)
+            self.assertEqual(row.group(1, 2), (state, admin))
+            self.assertIn('<span class="word %s">%s</span>' % (state, state), row.group(3))
+        self.assertIn('data-reason="NOUPSTREAM"', dom)
+        shots = os.environ.get("AGIPROXY_SCREENSHOTS") or self.dir
+        for name, size in (("status-1920.png", "1920,1080"), ("status-phone.png", "390,844")):
+            path = os.path.join(shots, name)
+            subprocess.run(flags + ["--window-size=%s" % size, "--screenshot=%s" % path, url],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+            with open(path, "rb") as handle:
+                self.assertEqual(handle.read(8), b"\x89PNG\r\n\x1a\n")
 
 
 class CountingResult(unittest.TextTestResult):
