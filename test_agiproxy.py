@@ -5367,13 +5367,11 @@ def child_threads_and_fds(pid):
     return threads, len(os.listdir("/proc/%d/fd" % pid))
 
 
-def unix_command(path, line, timeout=TIMEOUT):
-    """Send raw *line* bytes to the control socket; return everything it answers."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def exchange(sock, data, timeout=TIMEOUT):
+    """Send *data* on the connected *sock*, return everything it answers until EOF, close it."""
     sock.settimeout(timeout)
     try:
-        sock.connect(path)
-        sock.sendall(line)
+        sock.sendall(data)
         chunks = []
         while True:
             chunk = sock.recv(65536)
@@ -5382,6 +5380,18 @@ def unix_command(path, line, timeout=TIMEOUT):
             chunks.append(chunk)
     finally:
         sock.close()
+
+
+def unix_command(path, line, timeout=TIMEOUT):
+    """Send raw *line* bytes to the control socket; return everything it answers."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        raise
+    return exchange(sock, line, timeout)
 
 
 class ControlCase(ProgramCase):
@@ -5614,18 +5624,7 @@ class StatsEndpointTest(ControlCase):
         wait_until(lambda: child_threads_and_fds(self.child.pid)[1] <= base_fds, message="descriptors back")
 
     def raw_http(self, request):
-        sock = socket.create_connection(("127.0.0.1", self.stats_port), TIMEOUT)
-        try:
-            sock.sendall(request)
-            sock.settimeout(TIMEOUT)
-            chunks = []
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    return b"".join(chunks)
-                chunks.append(chunk)
-        finally:
-            sock.close()
+        return exchange(socket.create_connection(("127.0.0.1", self.stats_port), TIMEOUT), request)
 
     def test_methods_paths_garbage_and_acl(self):
         self.control_config("", extra="stats_deny = 127.0.0.2\n")
