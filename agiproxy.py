@@ -1455,7 +1455,7 @@ def check_server(member, settings):
             url = "agi://%s/%s" % (format_address(state.host, state.port), settings.check_path.lstrip("/"))
             return agi_check(sock, url, deadline)
         # A reset, not a FIN: the server's first read fails instead of finding an EOF where a
-        # header should be (panoramisk spins on that EOF, pystrix logs a traceback for it).
+        # header should be (panoramisk's header loop spins at 100% CPU on that EOF).
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         return None
     except (OSError, ValueError) as exc:
