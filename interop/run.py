@@ -303,11 +303,11 @@ def reply(command, hangup_in_exec):
     return b"510 Invalid or unknown command\n"
 
 
-def call(port, header_lines, hangup_in_exec=False, fwd_port=None):
+def call(port, header_lines, hangup_in_exec=False, add_fwd_for=False):
     """Play one call toward *port*; return the transcript: commands (normalised) and the end."""
     sock = socket.create_connection(("127.0.0.1", port), TIMEOUT)
     own = sock.getsockname()
-    if fwd_port is not None:            # the direct leg: say what the proxy would add for this client
+    if add_fwd_for:                     # the direct leg: say what the proxy would add for this client
         header_lines = edit_header(header_lines, append=[("agi_x_fwd_for", "%s:%d" % own)])
     commands, end, buffer, hung_up = [], "timeout", b"", False
     deadline = time.monotonic() + TIMEOUT
@@ -373,7 +373,7 @@ def functional(library, argv, place, proxies, results):
         for name, global_keys, pool_keys, route, changes, hangup in CASES:
             wanted = changes(app_port)
             fwd = wanted.pop("fwd", None)
-            direct = call(app_port, edit_header(header, wanted), hangup, fwd_port=True if fwd else None)
+            direct = call(app_port, edit_header(header, wanted), hangup, add_fwd_for=bool(fwd))
             row = {"library": library, "case": name, "direct": direct, "proxied": {}}
             for label, interpreter, program in proxies:
                 proxy = start_proxy(interpreter, program, place, app_port, global_keys, route, pool_keys)
