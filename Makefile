@@ -1,4 +1,4 @@
-# agiproxy: make test | make check | make bench | make install | make install-init
+# agiproxy: make test | make interop | make check | make bench | make install | make install-init
 #
 # PYTHONS="python3.6 /opt/py/bin/python3.12" make test   runs the suite with those interpreters only.
 
@@ -18,7 +18,7 @@ FOUND_PYTHONS := $(shell for v in $(PYTHON_VERSIONS); do \
 PYTHONS ?= $(FOUND_PYTHONS)
 PYTHON ?= $(lastword $(PYTHONS))
 
-.PHONY: test check bench install uninstall install-init
+.PHONY: test interop check bench install uninstall install-init
 
 test:
 	@if [ "$(origin PYTHONS)" = "file" ]; then \
@@ -39,6 +39,10 @@ test:
 	echo "make test: $(words $(PYTHONS)) interpreters"; \
 	echo "$$passed passed, $$failed failed"; \
 	[ $$failed -eq 0 ]
+
+# Real FastAGI libraries behind agiproxy (installs them into a temporary directory; see interop/README.md).
+interop:
+	$(PYTHON) interop/run.py $(INTEROP_ARGS)
 
 check:
 	$(PYTHON) agiproxy.py -c $(CONFIG) --check

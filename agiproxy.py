@@ -1700,8 +1700,16 @@ def synthetic_header(url, args=(), variables=None):
 ###############################################################################
 
 
+#: What Asterisk answers a command on a hung-up channel: the reply a check gives after its HANGUP.
+DEAD_CHANNEL_REPLY = b"511 Command Not Permitted on a dead channel or intercept routine\n"
+
+
+class CheckSkipped(str):
+    """Why a check could not run: this process ran short (LOCAL_SHORTAGE), which says nothing of the server."""
+
+
 def check_server(member, settings):
-    """Run one active check of *member*; return None when healthy, else why not."""
+    """Run one active check of *member*; return None when healthy, a CheckSkipped, else why not."""
     deadline = time.monotonic() + settings.check_timeout
     sock = None
     try:
@@ -1709,17 +1717,42 @@ def check_server(member, settings):
         sock = open_connection(state.host, state.port, settings.check_timeout, member.tls_context)
         if settings.check == "agi":
             url = "agi://%s/%s" % (format_address(state.host, state.port), settings.check_path.lstrip("/"))
-            sock.settimeout(max(deadline - time.monotonic(), 0.001))
-            sock.sendall(synthetic_header(url))
-            line, _ = read_line(sock, deadline)
-            if not line:
-                return "closed without sending a command"
-            sock.sendall(b"HANGUP\n")     # as Asterisk would: the server sees a hangup, not a broken pipe
+            return agi_check(sock, url, deadline)
+        # A reset, not a FIN: the server's first read fails instead of finding an EOF where a
+        # header should be (panoramisk's header loop spins at 100% CPU on that EOF).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         return None
     except (OSError, ValueError) as exc:
+        if getattr(exc, "errno", None) in LOCAL_SHORTAGE:
+            return CheckSkipped(describe_error(exc))
         return describe_error(exc)
     finally:
         close_quietly(sock)
+
+
+def agi_check(sock, url, deadline):
+    """Play Asterisk for one check session on *sock*: None when the server ran it, else why not.
+
+    The first command gets ``200 result=0``, then the channel "hangs up" as Asterisk
+    says it (``HANGUP``, then 511 to every command) until the server closes or the
+    deadline passes.  A ``FAILURE`` line (Asterisk's test: any line starting with it)
+    fails the check: the server has no handler for check_path."""
+    sock.settimeout(max(deadline - time.monotonic(), 0.001))
+    sock.sendall(synthetic_header(url))
+    line, rest = read_line(sock, deadline)
+    if not line:
+        return "closed without sending a command"
+    reply = b"200 result=0\nHANGUP\n"
+    while line:
+        if line[:7].lower() == b"failure":
+            return "answered FAILURE: no handler for check_path"
+        sock.sendall(reply)
+        reply = DEAD_CHANNEL_REPLY
+        try:
+            line, rest = read_line(sock, deadline, rest)
+        except (socket.timeout, ConnectionError):
+            return None         # it ran the command; holding on or resetting after HANGUP is its business
+    return None
 
 
 def describe_error(exc):
@@ -3319,6 +3352,9 @@ class Proxy(object):
                 state.check_streak = max(state.check_streak, 0) + 1
                 if not state.up and state.check_streak >= settings.rise:
                     said = self._mark_up(pool, member, "%d checks passed" % settings.rise)
+            elif isinstance(why, CheckSkipped):
+                said = [(logging.DEBUG, "check of %s in pool %s skipped: %s (agiproxy is short of it, not the server)",
+                         (member.name, pool.name, why))]
             else:
                 state.check_streak = min(state.check_streak, 0) - 1
                 said = [(logging.DEBUG, "check of %s in pool %s failed: %s", (member.name, pool.name, why))]

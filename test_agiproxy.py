@@ -5694,6 +5694,196 @@ class StatsEndpointTest(ControlCase):
                 self.assertEqual(handle.read(8), b"\x89PNG\r\n\x1a\n")
 
 
+###############################################################################
+# Active checks as the FastAGI libraries see them (issue 13, issue 10 item 7) #
+###############################################################################
+
+class ActiveCheckInteropTest(unittest.TestCase):
+    """Issue 13: check = agi plays Asterisk for one command, check = tcp ends with a reset; issue 10 item 7."""
+
+    def listener(self):
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        sock.settimeout(TIMEOUT)
+        return sock
+
+    def check_in_thread(self, listener, check, path="h13/health"):
+        """Run check_server against *listener* in a thread; return (thread, results list)."""
+        state = agiproxy.ServerState("127.0.0.1", listener.getsockname()[1], False)
+        member = collections.namedtuple("Member", "state tls_context")(state, None)
+        settings = collections.namedtuple("Settings", "check check_path check_timeout")(check, path, 2.0)
+        results = []
+        thread = threading.Thread(target=lambda: results.append(agiproxy.check_server(member, settings)))
+        thread.start()
+        self.addCleanup(thread.join, TIMEOUT)
+        return thread, results
+
+    @staticmethod
+    def read_header(conn):
+        data = b""
+        while not data.endswith(b"\n\n"):
+            chunk = conn.recv(4096)
+            if not chunk:
+                raise AssertionError("EOF inside the check's header: %r" % data)
+            data += chunk
+        return data
+
+    @staticmethod
+    def read_line(conn):
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = conn.recv(1)
+            if not chunk:
+                return data
+            data += chunk
+        return data
+
+    def test_agi_check_answers_the_first_command_like_asterisk_then_hangs_up(self):
+        listener = self.listener()
+        thread, results = self.check_in_thread(listener, "agi")
+        conn, _ = listener.accept()
+        self.addCleanup(conn.close)
+        conn.settimeout(TIMEOUT)
+        header = self.read_header(conn)
+        self.assertIn(b"agi_network_script: h13/health\n", header)
+        conn.sendall(b"ANSWER\n")
+        self.assertEqual(self.read_line(conn), b"200 result=0\n")     # a reply, as pystrix and ding-dong wait for
+        self.assertEqual(self.read_line(conn), b"HANGUP\n")
+        conn.sendall(b"GET VARIABLE CHANNEL\n")                      # a hung-up channel still answers
+        self.assertEqual(self.read_line(conn), agiproxy.DEAD_CHANNEL_REPLY)
+        conn.close()
+        thread.join(TIMEOUT)
+        self.assertEqual(results, [None])
+
+    def test_agi_check_fails_on_failure_line(self):
+        listener = self.listener()
+        thread, results = self.check_in_thread(listener, "agi")
+        conn, _ = listener.accept()
+        self.addCleanup(conn.close)
+        conn.settimeout(TIMEOUT)
+        self.read_header(conn)
+        conn.sendall(b"FAILURE\n")          # aioagi's answer for a path it has no handler for
+        thread.join(TIMEOUT)
+        self.assertEqual(len(results), 1)
+        self.assertIsNotNone(results[0])
+        self.assertIn("FAILURE", results[0])
+        self.assertIn("check_path", results[0])
+        self.assertNotIsInstance(results[0], agiproxy.CheckSkipped)
+
+    def test_agi_check_passes_when_the_server_resets_after_the_hangup(self):
+        listener = self.listener()
+        thread, results = self.check_in_thread(listener, "agi")
+        conn, _ = listener.accept()
+        conn.settimeout(TIMEOUT)
+        self.read_header(conn)
+        conn.sendall(b"ANSWER\n")
+        self.assertEqual(self.read_line(conn), b"200 result=0\n")
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+        thread.join(TIMEOUT)
+        self.assertEqual(results, [None])
+
+    def test_tcp_check_resets_instead_of_an_eof_where_the_header_should_be(self):
+        listener = self.listener()
+        thread, results = self.check_in_thread(listener, "tcp")
+        thread.join(TIMEOUT)
+        self.assertEqual(results, [None])
+        conn, _ = listener.accept()
+        self.addCleanup(conn.close)
+        conn.settimeout(TIMEOUT)
+        # an EOF here (b"") is what spins panoramisk's header loop at 100% CPU
+        with self.assertRaises(ConnectionResetError):
+            conn.recv(4096)
+
+    def test_check_result_skipped_neither_passes_nor_fails(self):
+        proxy = agiproxy.Proxy(agiproxy.parse_config(textwrap.dedent("""
+            [agiproxy]
+            listen = 127.0.0.1:0
+            [pool main]
+            check = tcp
+            fall = 1
+            rise = 1
+            servers = 127.0.0.1:9
+            [route all]
+            path = *
+            pool = main
+        """), "<test>"))
+        self.addCleanup(proxy.shutdown)
+        pool = proxy.upstreams.pools["main"]
+        member = pool.members[0]
+        for _ in range(3):
+            proxy.check_result(pool, member, agiproxy.CheckSkipped("Too many open files"))
+        self.assertTrue(member.state.up)
+        self.assertEqual(member.state.check_streak, 0)
+        proxy.check_result(pool, member, "refused")
+        self.assertFalse(member.state.up)
+        proxy.check_result(pool, member, agiproxy.CheckSkipped("Too many open files"))
+        self.assertFalse(member.state.up)
+        self.assertEqual(member.state.check_streak, -1)
+
+    def test_checks_during_fd_exhaustion_do_not_take_the_server_down(self):
+        """Issue 10 item 7, in a child proxy with 40 descriptors: its checks hit EMFILE and are skipped.
+        (max_connections is raised so that the idle clients can exhaust the descriptors at all.)"""
+        upstream = FakeServer()
+        self.addCleanup(upstream.stop)
+        directory = tempfile.mkdtemp(prefix="agiproxy-h13-emfile-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        logfile = os.path.join(directory, "agiproxy.log")
+        conf = os.path.join(directory, "agiproxy.conf")
+        with open(conf, "w") as handle:
+            handle.write(textwrap.dedent("""
+                [agiproxy]
+                listen = 127.0.0.1:0
+                header_timeout = 60
+                max_connections = 1000
+                log = %s
+                log_level = debug
+                [pool main]
+                check = tcp
+                check_interval = 20ms
+                check_timeout = 1
+                fall = 2
+                servers = 127.0.0.1:%d
+                [route all]
+                path = *
+                pool = main
+            """ % (logfile, upstream.port)))
+        child = subprocess.Popen([sys.executable, PROGRAM, "-c", conf], stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 preexec_fn=low_nofile(EmfileTest.LIMIT))
+
+        def stop():
+            if child.poll() is None:
+                child.kill()
+            child.wait(TIMEOUT)
+        self.addCleanup(stop)
+
+        def log_text():
+            try:
+                with open(logfile) as handle:
+                    return handle.read()
+            except IOError:
+                return ""
+        port = int(wait_until(lambda: child.poll() is None and re.search(r"listening on 127\.0\.0\.1:(\d+)",
+                                                                          log_text()),
+                              message="the child proxy to listen").group(1))
+        idle = []
+        try:
+            for _ in range(EmfileTest.LIMIT + 20):
+                idle.append(socket.create_connection(("127.0.0.1", port), TIMEOUT))
+            wait_until(lambda: log_text().count("skipped: ") >= 3, message="three checks skipped for EMFILE")
+        finally:
+            for sock in idle:
+                sock.close()
+        text = log_text()
+        self.assertRegex(text, r"check of 127\.0\.0\.1:%d in pool main skipped: .*[Tt]oo many open files"
+                               % upstream.port)
+        self.assertNotIn(" is down", text)
+        self.assertEqual(asterisk(port, header("x")).commands, SERVED)
+
+
 class CountingResult(unittest.TextTestResult):
     """Counts successes itself: whether testsRun includes skipped tests differs between versions."""
 
