@@ -1,6 +1,7 @@
 # agiproxy: make test | make interop | make check | make bench | make install | make install-init
 #
-# PYTHONS="python3.6 /opt/py/bin/python3.12" make test   runs the suite with those interpreters only.
+# PYTHONS="python3.6 /opt/py/bin/python3.12" make test   runs the suite with those interpreters only;
+# TEST_JOBS=1 make test                                  runs them one after another.
 
 PREFIX ?= /usr/local
 DESTDIR ?=
@@ -17,6 +18,8 @@ FOUND_PYTHONS := $(shell for v in $(PYTHON_VERSIONS); do \
 	[ -n "$$p" ] && "$$p" -c "" 2>/dev/null && echo "$$p"; done)
 PYTHONS ?= $(FOUND_PYTHONS)
 PYTHON ?= $(lastword $(PYTHONS))
+# Suites run side by side (each is mostly waiting on sockets and timers); TEST_JOBS=1 runs one at a time.
+TEST_JOBS ?= 2
 
 .PHONY: test interop check bench install uninstall install-init
 
@@ -26,17 +29,23 @@ test:
 	    case " $(PYTHONS) " in *python$$v" "*) ;; *) echo "make test: Python $$v not found (set PYTHONS=...)"; exit 1;; esac; \
 	  done; fi
 	@set -e; passed=0; failed=0; first=$(firstword $(PYTHONS)); last=$(lastword $(PYTHONS)); \
-	log=$$(mktemp); trap 'rm -f $$log' EXIT; \
-	for py in $(PYTHONS); do \
-	  soak=0; [ "$$py" = "$$first" ] || [ "$$py" = "$$last" ] && soak=1; \
-	  echo "=== $$py ($$("$$py" -V 2>&1)), soak=$$soak"; \
-	  AGIPROXY_SOAK=$$soak "$$py" test_agiproxy.py 2>&1 | tee $$log | tail -n 4; \
+	dir=$$(mktemp -d); trap 'rm -rf $$dir' EXIT; index=0; \
+	for py in $(PYTHONS); do index=$$((index + 1)); echo "$$index $$py" >> $$dir/lane$$((index % $(TEST_JOBS))); done; \
+	for lane in $$dir/lane*; do \
+	  while read -r index py; do \
+	    soak=0; [ "$$py" = "$$first" ] || [ "$$py" = "$$last" ] && soak=1; \
+	    echo "=== $$py ($$("$$py" -V 2>&1)), soak=$$soak" > $$dir/$$index.log; \
+	    AGIPROXY_SOAK=$$soak timeout 900 "$$py" test_agiproxy.py >> $$dir/$$index.log 2>&1 || true; \
+	  done < $$lane & \
+	done; wait; \
+	index=0; for py in $(PYTHONS); do index=$$((index + 1)); log=$$dir/$$index.log; \
+	  head -n 1 $$log; tail -n 4 $$log; \
 	  line=$$(grep -E '^[0-9]+ passed, [0-9]+ failed' $$log | tail -n 1); \
 	  [ -n "$$line" ] || { echo "$$py: the suite did not finish"; grep -E 'Error|error' $$log | tail -n 5; line="0 passed, 1 failed"; }; \
 	  case "$$line" in *" 0 failed"*) ;; *) grep -E -A25 '^(FAIL|ERROR):' $$log | head -n 200;; esac; \
 	  passed=$$((passed + $$(echo "$$line" | cut -d' ' -f1))); failed=$$((failed + $$(echo "$$line" | cut -d' ' -f3))); \
 	done; \
-	echo "make test: $(words $(PYTHONS)) interpreters"; \
+	echo "make test: $(words $(PYTHONS)) interpreters, $(TEST_JOBS) at a time"; \
 	echo "$$passed passed, $$failed failed"; \
 	[ $$failed -eq 0 ]
 
