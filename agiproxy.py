@@ -3801,14 +3801,20 @@ class Proxy(object):
                                      ", ".join("%s=%d" % kv for kv in sorted(stats.failures.items())) or "none",
                                      stats.reloads)]
             for pool in self.upstreams.pools.values():
-                lines.append("pool %s (%s): %d active, %d sessions" % (pool.name, pool.mode, pool.active,
-                                                                       pool.state.sessions))
+                lines.append("pool %s (%s): %d active, %d sessions, %d queued now, %d queue timeouts" % (
+                    pool.name, pool.mode, pool.active, pool.state.sessions, len(pool.state.queue),
+                    pool.state.queue_timeouts))
+                now = time.monotonic()
                 for member in pool.members:
                     state = member.state
-                    lines.append("  server %s%s: %s, %d/%s active, %d sessions, %d connect failures%s" % (
+                    lines.append("  server %s%s: %s, %d/%s active, %d sessions, %d connect failures%s%s%s" % (
                         member.name, " backup" if member.backup else "", "up" if state.up else "DOWN",
-                        state.active, member.max or "-", state.sessions, state.connect_failures,
-                        " (%s)" % state.why_down if state.why_down else ""))
+                        state.active, member.limit(now, pool.settings.slowstart) or "-", state.sessions,
+                        state.connect_failures, " (%s)" % state.why_down if state.why_down else "",
+                        "" if state.agent == AgentReport() else ", agent: %s %d%%" % (state.agent.state,
+                                                                                      state.agent.weight * 100),
+                        ", slow start %d%%" % (member.ramp(now, pool.settings.slowstart) * 100)
+                        if member.ramp(now, pool.settings.slowstart) < 1 else ""))
         return lines
 
     def metrics(self):
@@ -3837,6 +3843,23 @@ class Proxy(object):
                    [((("pool", p.name),), p.active) for p in self.upstreams.pools.values()])
             metric("pool_sessions_total", "counter", "Ended sessions per pool.",
                    [((("pool", p.name),), p.state.sessions) for p in self.upstreams.pools.values()])
+            pools = list(self.upstreams.pools.values())
+            metric("pool_queue_length", "gauge", "Sessions waiting in the pool's queue for a slot.",
+                   [((("pool", p.name),), len(p.state.queue)) for p in pools])
+            metric("pool_queue_timeouts_total", "counter", "Sessions that waited queue_timeout and got BUSY.",
+                   [((("pool", p.name),), p.state.queue_timeouts) for p in pools])
+            out.append("# HELP agiproxy_pool_queued_seconds Time sessions waited in the pool's queue.\n"
+                       "# TYPE agiproxy_pool_queued_seconds histogram\n")
+            for pool in pools:
+                state, cumulative = pool.state, 0
+                name = pool.name.replace("\\", "\\\\").replace('"', '\\"')
+                for bound, count in zip(QUEUE_BUCKETS, state.queue_buckets):
+                    cumulative += count
+                    out.append('agiproxy_pool_queued_seconds_bucket{pool="%s",le="%r"} %d\n'
+                               % (name, float(bound), cumulative))
+                out.append('agiproxy_pool_queued_seconds_bucket{pool="%s",le="+Inf"} %d\n' % (name, state.queued))
+                out.append('agiproxy_pool_queued_seconds_sum{pool="%s"} %.6f\n' % (name, state.queue_seconds))
+                out.append('agiproxy_pool_queued_seconds_count{pool="%s"} %d\n' % (name, state.queued))
             labels = [(("pool", p.name), ("server", m.name)) for p, m in members]
             metric("server_up", "gauge", "1 when the server takes sessions.",
                    [(l, int(m.state.up)) for l, (p, m) in zip(labels, members)])
@@ -3844,6 +3867,9 @@ class Proxy(object):
                    [(l, m.state.active) for l, (p, m) in zip(labels, members)])
             metric("server_sessions_max", "gauge", "max= of the server line (0: no limit).",
                    [(l, m.max) for l, (p, m) in zip(labels, members)])
+            now = time.monotonic()
+            metric("server_share", "gauge", "Fraction of its weight the server has now (agent, slow start).",
+                   [(l, "%.3f" % (m.share(now, p.settings.slowstart) / m.weight)) for l, (p, m) in zip(labels, members)])
             metric("server_sessions_total", "counter", "Ended sessions per server.",
                    [(l, m.state.sessions) for l, (p, m) in zip(labels, members)])
             metric("server_connect_failures_total", "counter", "Failed connects per server.",
@@ -4223,20 +4249,32 @@ def probe(url, args=(), variables=None, tls=False, ca=None, insecure=False, repl
     return 0 if commands and not failed else 1
 
 
-def explain(config, url, variables=None, out=sys.stdout):
-    """Print how *url* would be routed (nodast's -t); return 0 if routed, 1 if not."""
+def explain(config, url, variables=None, out=sys.stdout, client=None):
+    """Print how *url* would be routed (nodast's -t): every reroute hop, what the pool's
+    DNS names resolve to now, the servers in the order tried.  Return 0 if routed, 1 if not."""
     header = AgiHeader.parse(synthetic_header(url, (), variables))
     request = parse_request(url)
     upstreams = Upstreams(config)
-    route, pool, order, path, query = upstreams.decide(request, header, "127.0.0.1")
+    hops = upstreams.router.hops(request, header.variables)
+    (route, path, query), hops = hops[-1], hops[:-1]
     out.write("request:  %s\n" % url)
+    for hop, hop_path, hop_query in hops:
+        out.write("reroute:  route %s rewrites it to %s%s and routes it again\n"
+                  % (hop.name, hop_path, "?" + hop_query if hop_query else ""))
     if route is None:
         out.write("route:    none: the session would get %s=NOROUTE and FAILURE\n" % config.settings.failure_variable)
         return 1
     kind = "conditions, in file order" if route.conditional else \
         ("catch-all" if route.path == "*" else "longest path %s" % route.path)
     out.write("route:    %s (%s)\n" % (route.name, kind))
+    pool = upstreams.pools[route.pool]
     out.write("pool:     %s (mode %s)\n" % (pool.name, pool.mode))
+    explain_discovery(pool, client or DnsClient.configured(config.settings), out)
+    order = pool.order(header.variables, "127.0.0.1")
+    if not order:
+        out.write("servers:  none now: the session would get %s=NOUPSTREAM and FAILURE\n"
+                  % config.settings.failure_variable)
+        return 1
     for number, member in enumerate(order, 1):
         out.write("server %d: %s%s%s%s\n" % (number, member.name, " weight=%d" % member.weight,
                                             " max=%d" % member.max if member.max else "",
@@ -4247,6 +4285,22 @@ def explain(config, url, variables=None, out=sys.stdout):
         if name in sent.variables:
             out.write("%s%s: %s\n" % ("upstream: " if not number else " " * 10, name, sent.get(name)))
     return 0
+
+
+def explain_discovery(pool, client, out):
+    """Look up the resolve and srv lines of *pool* now, print what they name and make
+    those the pool's servers (for -t and --check)."""
+    for line in pool.lines:
+        try:
+            entries = discover(line, client)
+        except (DnsError, OSError, ValueError) as exc:
+            out.write("dns:      pool %s: %s %s: lookup failed: %s\n" % (pool.name, line.discover, line.host,
+                                                                      describe_error(exc)))
+            continue
+        out.write("dns:      pool %s: %s %s -> %s\n" % (pool.name, line.discover, line.host, ", ".join(
+            "%s weight=%d%s" % (format_address(host, port), weight, " backup" if backup else "")
+            for host, port, weight, backup in entries)))
+        pool.set_discovered(line, entries, {}, 0.0, joining=False)
 
 
 ###############################################################################
@@ -4307,6 +4361,9 @@ def main(argv=None):
     if args.check:
         sys.stdout.write("%s: configuration OK (%d routes, %d pools)\n"
                          % (args.config, len(config.routes), len(config.pools)))
+        client = DnsClient.configured(config.settings)
+        for pool in Upstreams(config).pools.values():
+            explain_discovery(pool, client, sys.stdout)
         return 0
     if args.test:
         try:
