@@ -1354,8 +1354,9 @@ class Member(object):
         return max(SLOWSTART_FLOOR, (now - self.state.up_since) / slowstart)
 
     def share(self, now, slowstart):
-        """The weight it balances with now (0: the agent drained it)."""
-        return self.weight * self.state.agent.weight * self.ramp(now, slowstart)
+        """The weight it balances with now (0: its agent drained it, or set 0%)."""
+        agent = self.state.agent
+        return self.weight * agent.weight * self.ramp(now, slowstart) if agent.state == AGENT_UP else 0.0
 
     def limit(self, now, slowstart):
         """The most sessions it may have now, 0 for no limit: max= (or the agent's maxconn), ramped."""
@@ -1493,10 +1494,11 @@ class Pool(object):
         self.rotation += 1
         shares = dict((m, m.share(now, slowstart)) for m in members)
         if self.mode == "round-robin":
+            candidates = [m for m in members if shares[m]] or members     # a drained one must not pile up debt
             total = sum(shares.values())
-            for member in members:
+            for member in candidates:
                 member.current_weight += shares[member]
-            chosen = max(members, key=lambda m: m.current_weight)
+            chosen = max(candidates, key=lambda m: m.current_weight)
             chosen.current_weight -= total
             start = members.index(chosen)
             return members[start:] + members[:start]
