@@ -3419,7 +3419,8 @@ class Proxy(object):
         for checker in self.checkers:
             checker.stop()
         for checker in self.checkers:
-            checker.join(checker.pool.settings.check_timeout * 2 + 1)
+            if not isinstance(checker, Discoverer):     # a lookup in flight ends on its own; its answer is dropped
+                checker.join(checker.pool.settings.check_timeout * 2 + 1)
         self.checkers = []
 
     @property
@@ -4270,7 +4271,14 @@ def explain(config, url, variables=None, out=sys.stdout, client=None):
         ("catch-all" if route.path == "*" else "longest path %s" % route.path)
     out.write("route:    %s (%s)\n" % (route.name, kind))
     pool = upstreams.pools[route.pool]
-    out.write("pool:     %s (mode %s)\n" % (pool.name, pool.mode))
+    settings = pool.settings
+    extras = ["mode " + pool.mode,
+              "queue_timeout = %gs, max_queue = %d" % (settings.queue_timeout, settings.max_queue)
+              if settings.queue_timeout else "",
+              "slowstart = %gs" % settings.slowstart if settings.slowstart else "",
+              "agent every %gs" % settings.agent_interval if any(m.agent_port for m in pool.named) or
+              settings.agent_port or any(line.agent_port for line in pool.lines) else ""]
+    out.write("pool:     %s (%s)\n" % (pool.name, "; ".join(e for e in extras if e)))
     explain_discovery(pool, client or DnsClient.configured(config.settings), out)
     order = pool.order(header.variables, "127.0.0.1")
     if not order:

@@ -4973,6 +4973,37 @@ class DiscoveryTest(FleetCase):
         self.assertIn("srv _x._tcp.fleet.test: lookup failed: _x._tcp.fleet.test: no such name (NXDOMAIN)",
                       out.getvalue())
         self.assertIn("server 1: 127.0.0.7:4600", out.getvalue())
+        config = make_config(self.config(dns, "agi.fleet.test:4600 resolve agent_port=4700",
+                                         "queue_timeout = 2\n            slowstart = 30s"))
+        out = io.StringIO()
+        agiproxy.explain(config, "agi://pbx/x", out=out)
+        self.assertIn("pool:     main (mode failover; queue_timeout = 2s, max_queue = 100; slowstart = 30s; "
+                      "agent every 5s)", out.getvalue())
+
+    def test_check_prints_what_names_resolve_to(self):
+        dns = self.fake_dns()
+        dns.set("_agi._tcp.fleet.test", SRV, [(None, SRV, (1, 0, 4600, "a.fleet.test"))])
+        dns.set("a.fleet.test", A, [(None, A, "127.0.0.8")])
+        path = os.path.join(self.tempdir(), "agiproxy.conf")
+        with open(path, "w") as handle:
+            handle.write(textwrap.dedent(self.config(dns, "srv _agi._tcp.fleet.test")))
+        out = subprocess.check_output([sys.executable, PROGRAM, "-c", path, "--check"], timeout=TIMEOUT)
+        self.assertIn(b"dns:      pool main: srv _agi._tcp.fleet.test -> 127.0.0.8:4600 weight=1\n", out)
+
+    def test_reload_keeps_the_servers_dns_gave(self):
+        upstream = self.server()
+        dns = self.fake_dns()
+        dns.set("agi.fleet.test", A, [(None, A, "127.0.0.1")])
+        text = textwrap.dedent(self.config(dns, "agi.fleet.test:%d resolve" % upstream.port))
+        path = os.path.join(self.tempdir(), "agiproxy.conf")
+        with open(path, "w") as handle:
+            handle.write(text.replace("resolve_interval = 0.1", "resolve_interval = 1h"))
+        proxy = self.proxy(text.replace("resolve_interval = 0.1", "resolve_interval = 1h"))
+        wait_until(lambda: self.members(proxy) == [upstream.address], message="the first lookup")
+        dns.set("agi.fleet.test", A, lambda query, transport: None)     # DNS goes silent
+        self.assertTrue(proxy.reload(path))
+        self.assertEqual(self.members(proxy), [upstream.address])
+        self.assertEqual(asterisk(self.port(proxy)).commands, [b"ANSWER", b"GET VARIABLE CHANNEL"])
 
     def test_config_errors(self):
         for line, fragment in (("10.0.0.1:4573 resolve", "resolve needs a host name"),
