@@ -1416,8 +1416,9 @@ class Pool(object):
         self.mode = spec.settings.mode
         self.contexts = {}
         self.lines = [server for server in spec.servers if server.discover]
-        self.named = [self._member(server, states) for server in spec.servers if not server.discover]
         self.found = dict((line, []) for line in self.lines)     # line -> its members from DNS
+        self.layout = [server if server.discover else self._member(server, states) for server in spec.servers]
+        self.named = [m for m in self.layout if isinstance(m, Member)]
         self.rotation = 0
         self.random = random.Random()
         self.state = PoolState()
@@ -1434,7 +1435,8 @@ class Pool(object):
         return Member(server, state, context, self.settings.agent_port)
 
     def _arrange_members(self):
-        self.members = self.named + [m for line in self.lines for m in self.found[line]]
+        self.members = [m for item in self.layout                  # in file order, as failover needs
+                        for m in ([item] if isinstance(item, Member) else self.found[item])]
         self.primaries = [m for m in self.members if not m.backup]
         self.backups = [m for m in self.members if m.backup]
         self.capacity = sum(m.max for m in self.members) if all(m.max for m in self.members) else 0
@@ -2248,9 +2250,12 @@ class Session(object):
                 return QUEUE, "pool %s: every server is busy; queued" % self.pool.name
             why = "no server could take the session" if self.tried else \
                 ("every server is busy" if trial == BUSY else "every server is down")
-            if wait and trial == BUSY and self.pool.settings.queue_timeout:
-                why += " (queued %.3fs, queue_timeout = %gs)" % (time.monotonic() - queued,
-                                                                self.pool.settings.queue_timeout)
+            settings = self.pool.settings
+            if wait and trial == BUSY and settings.queue_timeout:
+                waited = time.monotonic() - queued
+                why += " (queued %.3fs, queue_timeout = %gs)" % (waited, settings.queue_timeout) \
+                    if waited >= settings.queue_timeout \
+                    else " (max_queue = %d sessions already queued)" % settings.max_queue
             return trial, "pool %s: %s" % (self.pool.name, why)
         if self.ticket is not None:     # it queued: the queue's time is not the connect budget's
             self.ticket = None
