@@ -114,6 +114,8 @@ FIN, RESET = "fin", "reset"
 QUEUE = "QUEUE"
 #: Buckets of the time-queued histogram, in seconds.
 QUEUE_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30)
+#: How often a queued session looks whether Asterisk has hung up meanwhile.
+QUEUE_POLL = 0.1
 #: A reroute route's request is routed again at most this many times (a longer chain is a loop).
 MAX_REROUTES = 4
 #: Slow start begins at this fraction of a server's weight and max=.
@@ -2251,6 +2253,9 @@ class Session(object):
             why = "no server could take the session" if self.tried else \
                 ("every server is busy" if trial == BUSY else "every server is down")
             settings = self.pool.settings
+            if trial == CLIENTLOST:
+                return CLIENTLOST, "pool %s: Asterisk hung up while queued %.3fs" % (self.pool.name,
+                                                                                   time.monotonic() - queued)
             if wait and trial == BUSY and settings.queue_timeout:
                 waited = time.monotonic() - queued
                 why += " (queued %.3fs, queue_timeout = %gs)" % (waited, settings.queue_timeout) \
@@ -2351,6 +2356,19 @@ class Session(object):
         while pending and pending():       # TLS: decrypted bytes after the header would wait for more
             self.scanner.feed(self.client.recv(8192))
         self.header, self.leftover = self.scanner.result()
+
+    def caller_gone(self):
+        """While queued: has Asterisk hung up (its HANGUP line, or EOF)?  Only plain
+        connections can be peeked at; a TLS caller is found gone when its turn comes."""
+        if isinstance(self.client, ssl.SSLSocket):
+            return False
+        try:
+            data = self.client.recv(16, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except WOULD_BLOCK:
+            return False
+        except OSError:
+            return True
+        return not data or data.startswith(b"HANGUP")
 
     # -- control from other threads ---------------------------------------
 
@@ -3051,7 +3069,7 @@ class Relay(object):
         if failure is None:
             return self._track(Link(session, Link.RELAYING))
         reason, detail = failure
-        if reason in (BADHEADER, ABORTED, INTERNAL):    # not a FastAGI client, or no time left: close
+        if reason in (BADHEADER, ABORTED, INTERNAL, CLIENTLOST):    # not a FastAGI client, no time left, or gone
             session.end, session.detail = reason, detail
             if reason == BADHEADER:
                 self.proxy.count_failure(BADHEADER)
@@ -3590,14 +3608,17 @@ class Proxy(object):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            ticket.ready.wait(remaining)
+            if session.caller_gone():      # its place goes to the next caller
+                reason = CLIENTLOST
+                break
+            ticket.ready.wait(min(remaining, QUEUE_POLL))
             with self.lock:
                 ticket.ready.clear()
                 if state.queue and state.queue[0] is ticket and session.abort_reason is None:
                     member, reason, hook = self._reserve(pool, order, tried)
         with self.lock:
             if member is None:
-                state.queue_timeouts += session.abort_reason is None
+                state.queue_timeouts += session.abort_reason is None and reason == BUSY
             state.observe_queued(time.monotonic() - started)
             head = state.queue and state.queue[0] is ticket
             state.queue.remove(ticket)

@@ -4845,6 +4845,9 @@ class DnsClientTest(unittest.TestCase):
         self.assertRaises(agiproxy.DnsError, self.client().query, "cut.test", A)
         self.dns.set("garbage.test", A, lambda query, transport: query[:2] + b"\x81\x80" + b"\xff" * 40)
         self.assertRaises(agiproxy.DnsError, self.client().query, "garbage.test", A)
+        self.dns.truncate = False
+        self.dns.set("big.test", A, [(None, A, "10.0.0.1")] * 400)      # 6 KB in one datagram
+        self.assertRaises(agiproxy.DnsError, self.client().query, "big.test", A)
         self.dns.set("tc.test", A, lambda query, transport: dns_reply(query, truncated=True))
         with self.assertRaises(agiproxy.DnsError) as caught:
             self.client().query("tc.test", A)
@@ -5099,6 +5102,31 @@ class QueueTest(FleetCase):
         self.assertEqual(metric_value(samples, "agiproxy_pool_queue_timeouts_total", pool="main"), 1)
         holder.close()
         self.assertIdle(proxy)
+
+    def test_caller_who_hangs_up_leaves_the_queue(self):
+        upstream = self.server(behaviour=hold_or_answer)
+        other = self.server()
+        proxy = self.proxy(self.CONFIG % ("30", 10, upstream.port, other.port))
+        holder = self.hold(proxy, upstream)
+        for goodbye in (b"HANGUP\n", b""):
+            sock = socket.create_connection(("127.0.0.1", self.port(proxy)), TIMEOUT)
+            self.addCleanup(sock.close)
+            sock.sendall(header("gone"))
+            wait_until(lambda: self.queued(proxy) == 1, message="a session to queue")
+            if goodbye:
+                sock.sendall(goodbye)
+            else:
+                sock.shutdown(socket.SHUT_WR)
+            wait_until(lambda: self.queued(proxy) == 0, message="the caller to leave the queue", timeout=2)
+            self.assertTrue(expect_eof(sock, time.monotonic() + TIMEOUT))
+            sock.close()
+        wait_until(lambda: self.log_has("Asterisk hung up while queued"), message="the access log")
+        self.assertTrue(any("end=CLIENTLOST" in m for m in LOG.messages()))
+        holder.close()
+        self.assertIdle(proxy)
+        self.assertEqual(len(upstream.headers), 1)      # the server never saw them
+        samples = parse_prometheus(proxy.metrics())[1]
+        self.assertEqual(metric_value(samples, "agiproxy_pool_queue_timeouts_total", pool="main"), 0)
 
     def test_queued_session_is_aborted_by_shutdown(self):
         upstream = self.server(behaviour=hold_or_answer)
