@@ -115,7 +115,7 @@ QUEUE = "QUEUE"
 #: Buckets of the time-queued histogram, in seconds.
 QUEUE_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30)
 #: How often a queued session looks whether Asterisk has hung up meanwhile.
-QUEUE_POLL = 0.1
+QUEUE_POLL = 0.5
 #: A reroute route's request is routed again at most this many times (a longer chain is a loop).
 MAX_REROUTES = 4
 #: Slow start begins at this fraction of a server's weight and max=.
