@@ -3564,8 +3564,10 @@ class Proxy(object):
         and the pool has a queue_timeout, the answer is ``(None, QUEUE)``, unless
         *waiter* (a Session in a worker thread) is given: it then waits in
         arrival order for a slot, up to queue_timeout, and gets ``(None, BUSY)``
-        if none comes in time.  Sessions queued first are served first: while
-        the queue is not empty nobody else takes a slot of the pool."""
+        if none comes in time, ``(None, CLIENTLOST)`` if Asterisk hangs up
+        meanwhile.  With max_queue sessions waiting the answer is BUSY at once.
+        Sessions queued first are served first: while the queue is not empty
+        nobody else takes a slot of the pool."""
         settings, state = pool.settings, pool.state
         hook = None
         with self.lock:
@@ -3574,10 +3576,9 @@ class Proxy(object):
                 member, reason = None, BUSY
             else:
                 member, reason, hook = self._reserve(pool, order, tried)
-            if member is None and reason == BUSY and queueing:
-                if settings.max_queue and len(state.queue) >= settings.max_queue:
-                    pass
-                elif waiter is None:
+            room = not settings.max_queue or len(state.queue) < settings.max_queue
+            if member is None and reason == BUSY and queueing and room:
+                if waiter is None:
                     reason = QUEUE
                 else:
                     waiter.ticket = QueueTicket()
