@@ -2163,6 +2163,9 @@ class Discoverer(threading.Thread):
                     self.proxy.discovered(self.pool, line, discover(line, self.client), None)
                 except (DnsError, OSError, ValueError) as exc:
                     self.proxy.discovered(self.pool, line, None, describe_error(exc))
+                except Exception:   # a bug must cost one lookup, never the pool's discovery
+                    log.exception("pool %s: lookup of %s %s: internal error", self.pool.name, line.discover,
+                                  line.host)
             self.stopping.wait(self.pool.settings.resolve_interval)
 
     def stop(self):
