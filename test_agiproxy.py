@@ -4877,11 +4877,8 @@ class FleetCase(PoolCase):
     def served_by(*servers):
         return [len(s.headers) for s in servers]
 
-
-class DiscoveryTest(FleetCase):
-    """Part 1: servers from resolve and srv lines follow DNS, with sessions in flight."""
-
     def config(self, dns, line, extra=""):
+        """A proxy configuration whose pool main has the server *line*, looked up at *dns*."""
         return """
             [agiproxy]
             listen = 127.0.0.1:0
@@ -4895,6 +4892,10 @@ class DiscoveryTest(FleetCase):
             path = *
             pool = main
         """ % (dns.port, extra, line)
+
+
+class DiscoveryTest(FleetCase):
+    """Part 1: servers from resolve and srv lines follow DNS, with sessions in flight."""
 
     def test_resolve_membership_follows_dns_with_a_session_in_flight(self):
         first = self.server(behaviour=hold_or_answer)
@@ -5198,6 +5199,30 @@ class SlowStartTest(FleetCase):
         for _ in range(40):
             asterisk(self.port(proxy))
         self.assertLessEqual(len(upstream.headers) - before, 4)     # ~5% of 40, not half
+
+
+class SlowStartJoinTest(FleetCase):
+    """Part 3 with part 1: a server that joins from DNS starts slowly; the first lookup's do not."""
+
+    def test_joining_server_starts_slowly(self):
+        first = self.server()
+        joining = self.server(host="127.0.0.2", port=first.port)
+        dns = self.fake_dns()
+        dns.set("agi.fleet.test", A, [(None, A, "127.0.0.1")])
+        proxy = self.proxy(self.config(dns, "agi.fleet.test:%d resolve" % first.port,
+                                       "mode = round-robin\n            slowstart = 30"))
+        wait_until(lambda: self.members(proxy) == [first.address], message="the first lookup")
+        with proxy.lock:
+            self.assertEqual(proxy.upstreams.pools["main"].members[0].ramp(time.monotonic(), 30), 1.0)
+        dns.set("agi.fleet.test", A, [(None, A, "127.0.0.1"), (None, A, "127.0.0.2")])
+        wait_until(lambda: len(self.members(proxy)) == 2, message="the second server to join")
+        for _ in range(40):
+            asterisk(self.port(proxy))
+        share = len(joining.headers) / 40.0
+        sys.stderr.write("\n[slow start: a server joined from DNS took %.1f%% of 40 sessions in its first "
+                         "seconds of slowstart = 30s] " % (share * 100))
+        self.assertGreaterEqual(len(joining.headers), 1)
+        self.assertLessEqual(len(joining.headers), 4)
 
 
 class FakeAgent(object):
