@@ -40,6 +40,7 @@ import logging.handlers
 import math
 import os
 import queue
+import random
 import re
 import selectors
 import shlex
@@ -157,6 +158,31 @@ REASONS = (NOROUTE, NOUPSTREAM, BUSY, BADREQUEST, OVERLOADED, UPSTREAMLOST, TIME
 
 #: How a server ended a session it ended first (passive health).
 FIN, RESET = "fin", "reset"
+#: Not an end: the answer of a reserve that must not wait (the relay thread's) when the
+#: session is to wait in its pool's queue; a worker thread then waits for it.
+QUEUE = "QUEUE"
+#: Buckets of the time-queued histogram, in seconds.
+QUEUE_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30)
+#: How often a queued session looks whether Asterisk has hung up meanwhile.
+QUEUE_POLL = 0.5
+#: A reroute route's request is routed again at most this many times (a longer chain is a loop).
+MAX_REROUTES = 4
+#: Slow start begins at this fraction of a server's weight and max=.
+SLOWSTART_FLOOR = 0.05
+
+#: DNS (servers from resolve and srv lines): the sizes and counts a hostile answer cannot exceed.
+DNS_PORT = 53
+DNS_UDP_LIMIT = 4096            # bytes read from a UDP answer (we send no EDNS: 512 expected)
+DNS_TCP_LIMIT = 65535           # the largest message the 2-byte TCP length allows
+DNS_MAX_RECORDS = 256           # answers per message looked at; more is refused
+DNS_MAX_POINTERS = 16           # compression pointers followed in one name
+DNS_MAX_CNAMES = 8              # CNAME hops followed inside one answer
+DNS_MAX_TARGETS = 32            # SRV targets resolved per srv line
+#: glibc's resolv.conf defaults and limits (resolv.conf(5)).
+RESOLV_CONF = "/etc/resolv.conf"
+RESOLV_TIMEOUT, RESOLV_ATTEMPTS, RESOLV_MAX_SERVERS = 5.0, 2, 3
+#: Agent checks: the longest line an agent may send.
+AGENT_LINE_LIMIT = 512
 
 log = logging.getLogger("agiproxy")
 
@@ -238,6 +264,19 @@ def format_address(host, port):
 def parse_address_list(text):
     """Return a list of addresses separated by commas or white space."""
     return [parse_address(item) for item in re.split(r"[\s,]+", text.strip()) if item]
+
+
+def parse_nameservers(text):
+    """Return DNS server addresses (port 53 unless given) separated by commas or white space."""
+    return [parse_address(item, DNS_PORT) for item in re.split(r"[\s,]+", text.strip()) if item]
+
+
+def parse_port(text):
+    """Return a TCP port number, 0 for none."""
+    port = parse_count(text)
+    if port > 65535:
+        raise ValueError("expected a port number up to 65535")
+    return port
 
 
 def parse_networks(text):
@@ -352,11 +391,13 @@ GLOBAL_OPTIONS = collections.OrderedDict([
     ("control_timeout", (parse_duration, "5")),
     ("drain_timeout", (parse_duration, "0")),
     ("spare_threads", (parse_count, "64")),
+    ("dns_servers", (parse_nameservers, "")),
 ])
 
 #: Keys of [pool NAME].
 POOL_OPTIONS = collections.OrderedDict([
     ("servers", (text_value, "")),
+    ("resolve_interval", (parse_duration, "10")),
     ("mode", (choice("failover", "round-robin", "least-sessions", "hash"), "failover")),
     ("hash", (parse_variable_name, "agi_uniqueid")),
     ("rewrite_host", (parse_boolean, "no")),
@@ -375,6 +416,11 @@ POOL_OPTIONS = collections.OrderedDict([
     ("check_timeout", (parse_duration, "2")),
     ("rise", (parse_count, "2")),
     ("fall", (parse_count, "3")),
+    ("agent_port", (parse_port, "0")),
+    ("agent_interval", (parse_duration, "5")),
+    ("slowstart", (parse_duration, "0")),
+    ("queue_timeout", (parse_duration, "0")),
+    ("max_queue", (parse_count, "100")),
     ("saturation", (parse_ratio, "0.8")),
     ("saturation_interval", (parse_duration, "60")),
     ("on_saturation", (parse_command, "")),
@@ -390,6 +436,7 @@ ROUTE_OPTIONS = collections.OrderedDict([
     ("host", (text_value, "")),
     ("rewrite", (text_value, "")),
     ("rewrite_host", (choice("yes", "no", "true", "false", "on", "off", "1", "0", "pool"), "pool")),
+    ("reroute", (parse_boolean, "no")),
 ])
 
 
@@ -422,16 +469,32 @@ class PoolSpec(object):
         self.servers = servers  # list of ServerSpec
 
 
-ServerSpec = collections.namedtuple("ServerSpec", "host port weight max backup tls tls_verify admin")
+ServerSpec = collections.namedtuple("ServerSpec", "host port weight max backup tls tls_verify admin discover "
+                                                 "agent_port")
+ServerSpec.__new__.__defaults__ = (READY, None, 0)
+#: How a server line names its servers: the address itself, every A/AAAA address of
+#: the name (resolve), or the SRV records of the name (srv).
+RESOLVE, SRV = "resolve", "srv"
 
 
 def parse_server_line(line, pool_settings):
-    """Return a ServerSpec from ``host[:port] [weight=N] [max=N] [backup] [tls] [tls_verify=no] [drain|maint]``."""
+    """Return a ServerSpec from ``host[:port] [weight=N] [max=N] [backup] [tls] [tls_verify=no]
+    [agent_port=N] [resolve] [drain|maint]`` or ``srv NAME [max=N] [tls] [tls_verify=no] [agent_port=N]
+    [drain|maint]``."""
     words = line.split()
-    host, port = parse_address(words[0])
-    weight, maximum, backup, tls, verify, admin = 1, 0, False, False, pool_settings.tls_verify, READY
+    discover = None
+    if words[0] == "srv":
+        if len(words) < 2 or not re.match(r"^[\w.-]+$", words[1]):
+            raise ValueError("srv needs a DNS name, such as srv _agi._tcp.example.com")
+        discover, host, port, words = SRV, words[1].rstrip(".").lower(), 0, words[1:]
+    else:
+        host, port = parse_address(words[0])
+    weight, maximum, backup, tls, verify, agent_port, admin = 1, 0, False, False, pool_settings.tls_verify, 0, READY
     for word in words[1:]:
         name, _, value = word.partition("=")
+        if discover == SRV and (name == "weight" or word in ("backup", "resolve")):
+            raise ValueError("%s does not apply to a srv line: priority, weight and port come from the "
+                             "SRV records" % name)
         if name == "weight" and value:
             weight = parse_count(value)
             if weight < 1:
@@ -440,18 +503,24 @@ def parse_server_line(line, pool_settings):
             maximum = parse_count(value)
         elif name == "tls_verify" and value:
             verify = parse_boolean(value)
+        elif name == "agent_port" and value:
+            agent_port = parse_port(value)
         elif word == "backup":
             backup = True
         elif word == "tls":
             tls = True
         elif word in (DRAIN, MAINT):
             admin = word
+        elif word == "resolve":
+            if literal_family(host) is not None:
+                raise ValueError("resolve needs a host name, not the address %s" % host)
+            discover, host = RESOLVE, host.rstrip(".").lower()
         else:
             raise ValueError("unknown server option %r (expected weight=N, max=N, backup, tls, tls_verify=no, "
-                             "drain, maint)" % word)
-    if port == 0:
+                             "agent_port=N, resolve, drain, maint)" % word)
+    if port == 0 and discover != SRV:
         raise ValueError("server port must not be 0")
-    return ServerSpec(host, port, weight, maximum, backup, tls, verify, admin)
+    return ServerSpec(host, port, weight, maximum, backup, tls, verify, admin, discover, agent_port)
 
 
 class _ConfigReader(object):
@@ -509,7 +578,7 @@ class _ConfigReader(object):
 
 #: The options that may be left empty, and what empty means for them.
 EMPTY_VALUES = {text_value: "", parse_readable_file: "", parse_regex: None,
-                parse_address_list: [], parse_networks: [], parse_command: []}
+                parse_address_list: [], parse_networks: [], parse_command: [], parse_nameservers: []}
 
 
 def parse_config(text, source="<config>"):
@@ -537,6 +606,10 @@ def parse_config(text, source="<config>"):
     for route in routes:
         if route.pool not in pools:
             raise reader.error("route %s" % route.name, "pool", "no section [pool %s]" % route.pool)
+    loop = Router(routes).visible_loop()
+    if loop:
+        raise reader.error("route %s" % loop[0].name, "reroute", "the rewritten request is routed back: %s"
+                           % " -> ".join(route.name for route in loop))
     if not routes:
         log.debug("%s: no [route] sections: every session will get NOROUTE", source)
     return Config(source, settings, pools, routes)
@@ -616,7 +689,7 @@ def _read_pool(reader, section, name):
                 raise reader.error(section, "servers", str(exc))
     if not servers:
         raise reader.error(section, "servers", "a pool needs at least one server")
-    if len(set((s.host, s.port, s.tls) for s in servers)) != len(servers):
+    if len(set((s.host, s.port, s.tls, s.discover) for s in servers)) != len(servers):
         raise reader.error(section, "servers", "a server is listed twice")
     if (settings.on_saturation or settings.on_recovery) and any(not s.max for s in servers):
         raise reader.error(section, "on_saturation", "needs max=N on every server to know the capacity")
@@ -624,7 +697,7 @@ def _read_pool(reader, section, name):
         raise reader.error(section, "tls_client_key", "needed with tls_client_cert")
     if settings.check != "none" and (settings.rise < 1 or settings.fall < 1):
         raise reader.error(section, "rise", "rise and fall must be 1 or more")
-    for key in ("check_interval", "check_timeout"):
+    for key in ("check_interval", "check_timeout", "resolve_interval", "agent_interval"):
         if getattr(settings, key) <= 0:
             raise reader.error(section, key, "must be more than 0")
     if settings.retry_after_max < settings.retry_after:
@@ -655,10 +728,13 @@ def _read_route(reader, section, name, index):
     if not (settings.path or settings.match or settings.host or conditions):
         raise reader.error(section, "path", "a route needs at least one of path, match, host or agi_* "
                                             "(use path = * for a catch-all)")
+    if settings.reroute and not settings.rewrite:
+        raise reader.error(section, "reroute", "needs rewrite: the rewritten request is what is routed again")
     rewrite_host = None if settings.rewrite_host == "pool" else parse_boolean(settings.rewrite_host)
     route = Route(name, settings.pool, path=settings.path or None, pattern=settings.match,
                   host=settings.host or None, conditions=conditions,
-                  rewrite=settings.rewrite or None, rewrite_host=rewrite_host, index=index)
+                  rewrite=settings.rewrite or None, rewrite_host=rewrite_host, index=index,
+                  reroute=settings.reroute)
     try:
         route.check_template()
     except ValueError as exc:
@@ -903,7 +979,7 @@ class Route(object):
     """
 
     def __init__(self, name, pool, path=None, pattern=None, host=None, conditions=(),
-                 rewrite=None, rewrite_host=None, index=0):
+                 rewrite=None, rewrite_host=None, index=0, reroute=False):
         self.name = name
         self.pool = pool
         self.path = path if path in (None, "*") else normalize_path(path)
@@ -913,6 +989,7 @@ class Route(object):
         self.rewrite = rewrite
         self.rewrite_host = rewrite_host
         self.index = index
+        self.reroute = reroute      # route the rewritten request again
 
     @property
     def conditional(self):
@@ -1020,6 +1097,41 @@ class Router(object):
         return names + ["the request path"] if self.paths_tested and len(request.path) > self.limit else names
 
 
+    def hops(self, request, variables):
+        """Route *request*, and again after each rewrite of a ``reroute`` route.
+
+        Returns the hops as ``(route, path, query)``: path and query are what
+        the route sends on (rewritten or not); the last hop's route is None
+        when a rerouted request matches no route.  Raises RerouteError for a
+        loop or more than MAX_REROUTES reroutes."""
+        hops = []
+        while True:
+            route, groups = self.route(request, variables)
+            if route is None:
+                hops.append((None, request.path, request.query))
+                return hops
+            path, query = route.rewritten(request, variables, groups)
+            hops.append((route, path, query))
+            if not route.reroute:
+                return hops
+            if any(hop[0] is route for hop in hops[:-1]) or len(hops) > MAX_REROUTES:
+                raise RerouteError("reroute loop: %s" % " -> ".join(hop[0].name for hop in hops))
+            request = request._replace(path=path, query=query)
+
+    def visible_loop(self):
+        """The routes of a reroute loop that needs no header to happen (rewrites without
+        placeholders lead back to where they started), or None."""
+        for start in self.routes:
+            chain, route = [], start
+            while route is not None and route.reroute and not _PLACEHOLDER.search(route.rewrite):
+                if route in chain:
+                    return chain[chain.index(route):] + [route]
+                chain.append(route)
+                path, _, query = route.rewrite.partition("?")
+                route = self.route(AgiRequest("agi", "", None, "/" + path.lstrip("/"), query), {})[0]
+        return None
+
+
 #: A quantified group with a quantifier inside, such as ``(\d+)+`` or ``(?:a*b?)*``: on a
 #: long value that almost matches, Python's re backtracks through every way to split it.
 _NESTED_QUANTIFIER = re.compile(r"\((?:[^()\\]|\\.)*(?:[+*}]|[^\\]\?)(?:[^()\\]|\\.)*\)(?:[+*]|\{\d*,)")
@@ -1039,9 +1151,224 @@ def regex_warnings(config):
     return found
 
 
+class RerouteError(ValueError):
+    """A request that reroute routes would send around in a loop."""
+
+
+###############################################################################
+# DNS messages and resolv.conf (pure: no I/O) #################################
+###############################################################################
+
+
+class DnsError(Exception):
+    """No usable DNS answer: a malformed or hostile message, an error code, no reply."""
+
+
+class DnsMismatch(DnsError):
+    """A well-formed message that is not the answer to our query (wrong ID or question)."""
+
+
+class DnsNameError(DnsError):
+    """The name does not exist (NXDOMAIN): an answer, not a reason to ask another server."""
+
+
+DNS_A, DNS_CNAME, DNS_AAAA, DNS_SRV = 1, 5, 28, 33
+DNS_TYPE_NAMES = {DNS_A: "A", DNS_CNAME: "CNAME", DNS_AAAA: "AAAA", DNS_SRV: "SRV"}
+DNS_IN = 1
+DNS_NOERROR, DNS_SERVFAIL, DNS_NXDOMAIN = 0, 2, 3
+_DNS_HEADER = struct.Struct("!HHHHHH")
+_DNS_RECORD = struct.Struct("!HHIH")
+
+#: An answer: its RCODE, the TC bit, and the answer records as ``(owner, type, value)``;
+#: value is an address string (A, AAAA), a name (CNAME) or ``(priority, weight, port, target)`` (SRV).
+DnsAnswer = collections.namedtuple("DnsAnswer", "rcode truncated records")
+
+
+def encode_dns_name(name):
+    """The wire form of a dotted *name*; raise DnsError for one DNS cannot carry."""
+    out = bytearray()
+    for label in name.rstrip(".").split("."):
+        raw = label.encode("ascii", "replace")
+        if not 0 < len(raw) <= 63:
+            raise DnsError("bad DNS name %r" % name)
+        out.append(len(raw))
+        out += raw
+    out.append(0)
+    if len(out) > 255:
+        raise DnsError("DNS name longer than 255 bytes: %r" % name[:80])
+    return bytes(out)
+
+
+def dns_query(ident, name, qtype):
+    """A recursive query for *name* and *qtype* with ID *ident*."""
+    return _DNS_HEADER.pack(ident, 0x0100, 1, 0, 0, 0) + encode_dns_name(name) + struct.pack("!HH", qtype, DNS_IN)
+
+
+def read_dns_name(message, offset):
+    """Return ``(name, offset after it)`` for the possibly compressed name at *offset*.
+
+    Every compression pointer must point below every byte the name has used
+    so far: a loop (or a chain of forward pointers) cannot be followed, and
+    DNS_MAX_POINTERS bounds the work on top of that."""
+    labels, length, jumps = [], 0, 0
+    position, lowest, end = offset, offset, None
+    while True:
+        if position >= len(message):
+            raise DnsError("name runs past the end of the message")
+        size = message[position]
+        if size >= 0xC0:
+            if position + 1 >= len(message):
+                raise DnsError("compression pointer cut off")
+            target = (size & 0x3F) << 8 | message[position + 1]
+            jumps += 1
+            if target >= lowest or jumps > DNS_MAX_POINTERS:
+                raise DnsError("compression pointer loop or forward pointer")
+            if end is None:
+                end = position + 2
+            position = lowest = target
+            continue
+        if size & 0xC0:
+            raise DnsError("unknown label type 0x%02x" % size)
+        if size == 0:
+            return ".".join(labels), end if end is not None else position + 1
+        label = message[position + 1:position + 1 + size]
+        length += size + 1
+        if len(label) < size or length > 255:
+            raise DnsError("label cut off or name longer than 255 bytes")
+        labels.append(label.decode("latin-1").lower())
+        position += 1 + size
+
+
+def _dns_record_value(message, rtype, start, size):
+    data = message[start:start + size]
+    if rtype == DNS_A and size == 4:
+        return socket.inet_ntop(socket.AF_INET, data)
+    if rtype == DNS_AAAA and size == 16:
+        return socket.inet_ntop(socket.AF_INET6, data)
+    if rtype == DNS_CNAME:
+        name, end = read_dns_name(message, start)
+    elif rtype == DNS_SRV and size >= 7:
+        name, end = read_dns_name(message, start + 6)
+    else:
+        raise DnsError("%s record of %d bytes" % (DNS_TYPE_NAMES[rtype], size))
+    if end > start + size:
+        raise DnsError("name runs past its record")
+    return name if rtype == DNS_CNAME else struct.unpack("!HHH", data[:6]) + (name,)
+
+
+def parse_dns_answer(message, ident, name, qtype):
+    """Check and parse the answer *message* to our query (*ident*, *name*, *qtype*).
+
+    Raises DnsMismatch when it answers something else, DnsError when it is
+    malformed; records of other types and classes are skipped."""
+    if len(message) < _DNS_HEADER.size:
+        raise DnsError("message of %d bytes" % len(message))
+    got_ident, flags, questions, answers, _, _ = _DNS_HEADER.unpack_from(message)
+    if got_ident != ident or not flags & 0x8000 or flags & 0x7800:
+        raise DnsMismatch("not the answer to our query (ID %d, flags 0x%04x)" % (got_ident, flags))
+    if questions != 1:
+        raise DnsMismatch("answer with %d questions" % questions)
+    asked, offset = read_dns_name(message, _DNS_HEADER.size)
+    if offset + 4 > len(message):
+        raise DnsError("question cut off")
+    if asked != name.rstrip(".").lower() or struct.unpack_from("!HH", message, offset) != (qtype, DNS_IN):
+        raise DnsMismatch("answer to another question (%s)" % printable(asked, 80))
+    offset += 4
+    rcode, truncated = flags & 0x000F, bool(flags & 0x0200)
+    if truncated or rcode != DNS_NOERROR:
+        return DnsAnswer(rcode, truncated, [])
+    if answers > DNS_MAX_RECORDS:
+        raise DnsError("%d answer records (more than %d)" % (answers, DNS_MAX_RECORDS))
+    records = []
+    for _ in range(answers):
+        owner, offset = read_dns_name(message, offset)
+        if offset + _DNS_RECORD.size > len(message):
+            raise DnsError("record cut off")
+        rtype, rclass, _, size = _DNS_RECORD.unpack_from(message, offset)
+        offset += _DNS_RECORD.size
+        if offset + size > len(message):
+            raise DnsError("record data runs past the end of the message")
+        if rclass == DNS_IN and rtype in DNS_TYPE_NAMES:
+            records.append((owner, rtype, _dns_record_value(message, rtype, offset, size)))
+        offset += size
+    return DnsAnswer(rcode, truncated, records)
+
+
+def dns_values(records, name, qtype):
+    """The values of *qtype* for *name* in *records*, following CNAMEs (at most DNS_MAX_CNAMES)."""
+    owners = [name.rstrip(".").lower()]
+    aliases = dict((owner, value) for owner, rtype, value in records if rtype == DNS_CNAME)
+    while owners[-1] in aliases:
+        if len(owners) > DNS_MAX_CNAMES or aliases[owners[-1]] in owners:
+            raise DnsError("CNAME chain too long or looping at %s" % printable(owners[-1], 80))
+        owners.append(aliases[owners[-1]])
+    return [value for owner, rtype, value in records if rtype == qtype and owner in owners]
+
+
+def parse_resolv_conf(text):
+    """Return ``(nameservers, timeout, attempts)`` from resolv.conf *text*, as the C library
+    reads it: up to three ``nameserver`` addresses (127.0.0.1 when none), ``options
+    timeout:N attempts:N``.  Lines it cannot use are ignored, as the C library does."""
+    servers, timeout, attempts = [], RESOLV_TIMEOUT, RESOLV_ATTEMPTS
+    for line in text.splitlines():
+        words = line.split("#")[0].split(";")[0].split()
+        if len(words) >= 2 and words[0] == "nameserver" and len(servers) < RESOLV_MAX_SERVERS:
+            if literal_family(words[1].split("%")[0]) is not None:
+                servers.append((words[1], DNS_PORT))
+        elif words and words[0] == "options":
+            for option in words[1:]:
+                key, _, value = option.partition(":")
+                if key in ("timeout", "attempts") and value.isdigit():
+                    if key == "timeout":
+                        timeout = float(min(max(int(value), 1), 30))
+                    else:
+                        attempts = min(max(int(value), 1), 5)
+    return servers or [("127.0.0.1", DNS_PORT)], timeout, attempts
+
+
 ###############################################################################
 # Upstream pools and health ###################################################
 ###############################################################################
+
+
+#: What a server's agent may say of it: take sessions, or none (drain and maint keep
+#: the live ones; down is the application saying it cannot work).
+AGENT_UP, AGENT_DRAIN, AGENT_MAINT, AGENT_DOWN = "up", "drain", "maint", "down"
+_AGENT_WORDS = {"up": AGENT_UP, "ready": AGENT_UP, "drain": AGENT_DRAIN, "maint": AGENT_MAINT,
+                "down": AGENT_DOWN, "fail": AGENT_DOWN, "stopped": AGENT_DOWN}
+
+
+class AgentReport(collections.namedtuple("AgentReport", "state weight maxconn")):
+    """The server's state by its agent, its weight as a fraction of the configured one, its
+    maxconn (None: max= applies).  The default: the agent has said nothing."""
+
+    __slots__ = ()
+
+    def __new__(cls, state=AGENT_UP, weight=1.0, maxconn=None):
+        return super(AgentReport, cls).__new__(cls, state, weight, maxconn)
+
+
+def parse_agent_line(line, previous=AgentReport()):
+    """Return the AgentReport after an agent's answer *line* (HAProxy's agent-check format:
+    ``up``, ``ready``, ``drain``, ``maint``, ``down``, ``fail``, ``stopped``, ``NN%``,
+    ``maxconn:N``, separated by spaces, tabs or commas; ``#`` starts a free text).  What the
+    line does not mention stays as in *previous*.  Raise ValueError for anything else."""
+    state, weight, maxconn = previous
+    words = [w for w in re.split(r"[\s,]+", line.split("#")[0].strip().lower()) if w]
+    if not words:
+        raise ValueError("empty answer")
+    for word in words:
+        percent = re.match(r"^(\d{1,3})%$", word)
+        limit = re.match(r"^maxconn:(\d{1,9})$", word)
+        if word in _AGENT_WORDS:
+            state = _AGENT_WORDS[word]
+        elif percent and int(percent.group(1)) <= 256:
+            weight = int(percent.group(1)) / 100.0
+        elif limit:
+            maxconn = int(limit.group(1)) or None
+        else:
+            raise ValueError("unknown word %s" % printable(word, 40))
+    return AgentReport(state, weight, maxconn)
 
 
 class ServerState(object):
@@ -1081,10 +1408,12 @@ class ServerState(object):
         self.connect_failures = 0
         self.bytes_up = 0
         self.bytes_down = 0
+        self.up_since = -math.inf   # when it came back or joined: slow start counts from here
+        self.agent = AgentReport()  # what its agent said last
 
     def available(self, now, trials):
         """Can a session be sent here?  *trials*: may a down server get a half-open try?"""
-        return self.up or (trials and not self.trial and now >= self.retry_at)
+        return self.agent.state == AGENT_UP and (self.up or (trials and not self.trial and now >= self.retry_at))
 
     def mark_down(self, now, why, retry_after, retry_after_max, trial=False):
         """Record a failure; *trial*: of the half-open try.  Return True when this turned the server down."""
@@ -1101,12 +1430,13 @@ class ServerState(object):
         self.early_closes = 0
         return was_up
 
-    def mark_up(self):
-        """Record a success; return True when this brought the server back."""
+    def mark_up(self, now=None):
+        """Record a success; return True when this brought the server back (its slow start begins)."""
         was_down = not self.up
         self.up, self.trial, self.why_down, self.backoff = True, False, "", 0.0
         if was_down:
             self.since = time.time()
+            self.up_since = time.monotonic() if now is None else now
         return was_down
 
     def set_admin(self, pool, admin, now):
@@ -1146,9 +1476,13 @@ class ServerState(object):
 
 
 class Member(object):
-    """One server line of one pool: the shared state plus this pool's weight, max and flags."""
+    """One server of one pool: the shared state plus this pool's weight, max and flags.
 
-    def __init__(self, pool, spec, state, tls_context):
+    Its share follows its agent (weight percentage, maxconn) and, for
+    ``slowstart`` seconds after it came back or joined, grows linearly from
+    SLOWSTART_FLOOR of its weight and max= to all of them."""
+
+    def __init__(self, pool, spec, state, tls_context, agent_port=0):
         self.state = state
         self.pool = pool
         self.file_weight = spec.weight
@@ -1160,14 +1494,34 @@ class Member(object):
         self.max = spec.max
         self.backup = spec.backup
         self.tls_context = tls_context   # None for plain TCP
+        self.agent_port = spec.agent_port or agent_port
         self.current_weight = 0          # smooth weighted round-robin
+        self.retired = False             # gone from DNS: finishes its sessions, takes no new ones
 
     @property
     def name(self):
         return self.state.name
 
-    def full(self):
-        return bool(self.max) and self.state.active >= self.max
+    def ramp(self, now, slowstart):
+        """The fraction of its weight and max= the server has now: 1 unless in slow start."""
+        if not slowstart or now - self.state.up_since >= slowstart:
+            return 1.0
+        return max(SLOWSTART_FLOOR, (now - self.state.up_since) / slowstart)
+
+    def share(self, now, slowstart):
+        """The weight it balances with now (0: its agent drained it, or set 0%)."""
+        agent = self.state.agent
+        return self.weight * agent.weight * self.ramp(now, slowstart) if agent.state == AGENT_UP else 0.0
+
+    def limit(self, now, slowstart):
+        """The most sessions it may have now, 0 for no limit: max= (or the agent's maxconn), ramped."""
+        agent_max = self.state.agent.maxconn
+        limit = agent_max if agent_max is not None and (not self.max or agent_max < self.max) else self.max
+        return int(math.ceil(limit * self.ramp(now, slowstart))) if limit else 0
+
+    def full(self, now=0.0, slowstart=0):
+        limit = self.limit(now, slowstart)
+        return bool(limit) and self.state.active >= limit
 
     @property
     def admin(self):
@@ -1188,11 +1542,35 @@ class PoolState(object):
         self.saturated = False
         self.saturation_hook_at = -math.inf
         self.hooks = HookRunner()
+        self.queue = collections.deque()     # QueueTickets of sessions waiting for a slot, oldest first
+        self.queued = 0
+        self.queue_timeouts = 0
+        self.queue_buckets = [0] * len(QUEUE_BUCKETS)
+        self.queue_seconds = 0.0
+        self.discovered = {}                 # server line -> entries of its last good lookup
+        self.lookup_failing = set()          # server lines whose lookups fail now (logged once)
+
+    def observe_queued(self, waited):
+        self.queued += 1
+        self.queue_seconds += waited
+        for index, bound in enumerate(QUEUE_BUCKETS):
+            if waited <= bound:
+                self.queue_buckets[index] += 1
+                break
+
+
+class QueueTicket(object):
+    """A session's place in its pool's queue; ``ready`` is set when it may try for a slot."""
+
+    def __init__(self):
+        self.ready = threading.Event()
 
 
 class Pool(object):
     """The servers of a [pool] section and the policy for choosing among them.
 
+    The members are the servers named by address, then those found in DNS for
+    its resolve and srv lines (set_discovered(), from the discovery thread).
     order() and reserve() are called with the proxy's lock held; they do no I/O.
     """
 
@@ -1200,22 +1578,61 @@ class Pool(object):
         self.name = spec.name
         self.settings = spec.settings
         self.mode = spec.settings.mode
-        contexts = {}
-        self.members = []
-        for server in spec.servers:
-            context = None
-            if server.tls:
-                if server.tls_verify not in contexts:
-                    contexts[server.tls_verify] = make_client_context(spec.settings, server.tls_verify)
-                context = contexts[server.tls_verify]
-            key = (server.host, server.port, server.tls)
-            state = states.setdefault(key, ServerState(server.host, server.port, server.tls))
-            self.members.append(Member(self.name, server, state, context))
+        self.contexts = {}
+        self.lines = [server for server in spec.servers if server.discover]
+        self.found = dict((line, []) for line in self.lines)     # line -> its members from DNS
+        self.layout = [server if server.discover else self._member(server, states) for server in spec.servers]
+        self.named = [m for m in self.layout if isinstance(m, Member)]
+        self.rotation = 0
+        self.random = random.Random()
+        self.state = PoolState()
+        self._arrange_members()
+
+    def _member(self, server, states):
+        context = None
+        if server.tls:
+            if server.tls_verify not in self.contexts:
+                self.contexts[server.tls_verify] = make_client_context(self.settings, server.tls_verify)
+            context = self.contexts[server.tls_verify]
+        key = (server.host, server.port, server.tls)
+        state = states.setdefault(key, ServerState(server.host, server.port, server.tls))
+        return Member(self.name, server, state, context, self.settings.agent_port)
+
+    def _arrange_members(self):
+        self.members = [m for item in self.layout                  # in file order, as failover needs
+                        for m in ([item] if isinstance(item, Member) else self.found[item])]
         self.primaries = [m for m in self.members if not m.backup]
         self.backups = [m for m in self.members if m.backup]
         self.capacity = sum(m.max for m in self.members) if all(m.max for m in self.members) else 0
-        self.rotation = 0
-        self.state = PoolState()
+
+    def set_discovered(self, line, entries, states, now, joining=True):
+        """Make the servers of *line* those of *entries* (``(address, port, weight, backup)``).
+
+        New ones join (in slow start when *joining*); vanished ones are retired:
+        live sessions finish, no new one goes there.  Returns ``(joined, left)`` names."""
+        self.state.discovered[line] = entries
+        old = dict(((m.state.host, m.state.port), m) for m in self.found[line])
+        taken = set((m.state.host, m.state.port) for m in self.members if m not in self.found[line])
+        members, joined = [], []
+        for host, port, weight, backup in entries:
+            if (host, port) in taken:
+                continue
+            taken.add((host, port))
+            member = old.pop((host, port), None)
+            if member is None:
+                joined.append(format_address(host, port))
+            if member is None or (member.weight, member.backup) != (weight, backup):
+                fresh = states.get((host, port, line.tls)) is None
+                member = self._member(line._replace(host=host, port=port, weight=weight, backup=backup,
+                                                    discover=None), states)
+                if fresh and joining:
+                    member.state.up_since = now
+            members.append(member)
+        for member in old.values():
+            member.retired = True
+        self.found[line] = members
+        self._arrange_members()
+        return joined, [m.name for m in old.values()]
 
     @property
     def active(self):
@@ -1226,29 +1643,37 @@ class Pool(object):
         """Half-open tries are for pools without active checks; checks decide otherwise."""
         return self.settings.check == "none"
 
-    def order(self, variables, client_host=""):
+    def order(self, variables, client_host="", now=None):
         """Return every member in the order this session should try them."""
-        return self._arrange(self.primaries, variables, client_host) + \
-            self._arrange(self.backups, variables, client_host)
+        now = time.monotonic() if now is None else now
+        return self._arrange(self.primaries, variables, client_host, now) + \
+            self._arrange(self.backups, variables, client_host, now)
 
-    def _arrange(self, members, variables, client_host):
-        if len(members) < 2 or self.mode == "failover":
+    def _arrange(self, members, variables, client_host, now):
+        slowstart = self.settings.slowstart
+        if len(members) < 2:
             return list(members)
+        if self.mode == "failover":     # a server in slow start comes first for its share of sessions only
+            ramping = [m for m in members if m.ramp(now, slowstart) < 1 and
+                       self.random.random() >= m.ramp(now, slowstart)]
+            return [m for m in members if m not in ramping] + ramping
         self.rotation += 1
+        shares = dict((m, m.share(now, slowstart)) for m in members)
         if self.mode == "round-robin":
-            total = sum(m.weight for m in members)
-            for member in members:
-                member.current_weight += member.weight
-            chosen = max(members, key=lambda m: m.current_weight)
+            candidates = [m for m in members if shares[m]] or members     # a drained one must not pile up debt
+            total = sum(shares.values())
+            for member in candidates:
+                member.current_weight += shares[member]
+            chosen = max(candidates, key=lambda m: m.current_weight)
             chosen.current_weight -= total
             start = members.index(chosen)
             return members[start:] + members[:start]
         if self.mode == "least-sessions":
             count = len(members)
-            return sorted(members, key=lambda m: (m.state.active / m.weight,
+            return sorted(members, key=lambda m: (m.state.active / shares[m] if shares[m] else math.inf,
                                                   (members.index(m) - self.rotation) % count))
         key = variables.get(self.settings.hash) or client_host
-        return sorted(members, key=lambda m: rendezvous_score(key, m.name, m.weight), reverse=True)
+        return sorted(members, key=lambda m: rendezvous_score(key, m.name, shares[m]), reverse=True)
 
     def reserve(self, order, tried, now):
         """Take a session slot on the first member of *order* that can have one.
@@ -1258,11 +1683,13 @@ class Pool(object):
         server was only skipped for being at max, else NOUPSTREAM.
         """
         busy = False
+        slowstart = self.settings.slowstart
         for member in order:
             state = member.state
-            if member in tried or member.admin != READY or not state.available(now, self.trials):
+            if member in tried or member.retired or member.admin != READY or \
+                    not state.available(now, self.trials) or not state.agent.weight:
                 continue
-            if member.full():
+            if member.full(now, slowstart):
                 busy = True
                 continue
             trial = not state.up
@@ -1296,6 +1723,8 @@ class Pool(object):
 
 def rendezvous_score(key, server, weight):
     """Weighted rendezvous (highest random weight) hashing score of *server* for *key*."""
+    if not weight:
+        return 0.0
     digest = hashlib.sha256(("%s\x00%s" % (key, server)).encode("utf-8", "surrogateescape")).digest()
     unit = (int.from_bytes(digest[:8], "big") + 1) / float(2 ** 64 + 1)
     return -weight / math.log(unit)
@@ -1317,24 +1746,40 @@ class Upstreams(object):
             shared = {}
             for server in spec.servers:
                 key = (server.host, server.port, server.tls)
-                shared[key] = self.states.get(key) or self.known.get(key) or ServerState(*key)
-                self.known[key] = shared[key]
+                if not server.discover:
+                    shared[key] = self.states.get(key) or self.known.get(key) or ServerState(*key)
+                    self.known[key] = shared[key]
             pool = Pool(spec, shared)
             self.states.update(shared)
             if name in old_pools:
                 pool.state = old_pools[name].state
+                for line in pool.lines:     # what DNS said last, until it is asked again
+                    entries = pool.state.discovered.get(line)
+                    if entries:
+                        for host, port, _, _ in entries:
+                            key = (host, port, line.tls)
+                            if key in self.known and key not in self.states:
+                                self.states[key] = self.known[key]
+                        pool.set_discovered(line, entries, self.states, 0.0, joining=False)
             self.pools[name] = pool
         self.router = Router(config.routes, config.settings.max_match_length)
 
     def route(self, request, header):
         """Return ``(route, pool, upstream_path, upstream_query)``; route is None for no route.
 
-        Pure, and this object does not change once built: no lock is needed (pool.order() needs one)."""
-        route, groups = self.router.route(request, header.variables)
+        Pure, and this object does not change once built: no lock is needed (pool.order()
+        needs one).  Raises RerouteError for a request that reroute routes send around in a loop."""
+        route, path, query = self.router.hops(request, header.variables)[-1]
         if route is None:
-            return None, None, request.path, request.query
-        path, query = route.rewritten(request, header.variables, groups)
+            return None, None, path, query
         return route, self.pools[route.pool], path, query
+
+    def forget_unused(self):
+        """Drop the state of servers no pool has any more and no session holds (DNS churn)."""
+        used = set(id(m.state) for pool in self.pools.values() for m in pool.members)
+        for key, state in list(self.states.items()):
+            if id(state) not in used and not state.active:
+                del self.states[key]
 
 
 def forwarded_header(header, request, route, pool, server, path, query, forwarded_for=None):
@@ -1788,6 +2233,45 @@ class HealthChecker(threading.Thread):
         self.stopping.set()
 
 
+def check_agent(member, settings):
+    """Ask *member*'s agent how the server is; return its answer line, or raise OSError/ValueError."""
+    deadline = time.monotonic() + settings.check_timeout
+    sock = open_connection(member.state.host, member.agent_port, settings.check_timeout)
+    try:
+        line, _ = read_line(sock, deadline, limit=AGENT_LINE_LIMIT)
+        if not line:
+            raise ValueError("closed without an answer")
+        return decode(line).strip()
+    finally:
+        close_quietly(sock)
+
+
+class AgentChecker(threading.Thread):
+    """Ask the agent of every server of one pool that has an agent_port, each ``agent_interval``."""
+
+    def __init__(self, proxy, pool):
+        threading.Thread.__init__(self, name="agent-%s" % pool.name, daemon=True)
+        self.proxy, self.pool = proxy, pool
+        self.stopping = threading.Event()
+
+    def run(self):
+        settings = self.pool.settings
+        while not self.stopping.is_set():
+            for member in list(self.pool.members):
+                if self.stopping.is_set():
+                    return
+                if member.agent_port:
+                    try:
+                        self.proxy.agent_said(self.pool, member, check_agent(member, settings))
+                    except (OSError, ValueError) as exc:
+                        self.proxy.limited_log("agent", logging.WARNING, "agent of %s in pool %s: %s; ignored",
+                                               member.name, self.pool.name, describe_error(exc))
+            self.stopping.wait(settings.agent_interval)
+
+    def stop(self):
+        self.stopping.set()
+
+
 def run_hook(name, argv, timeout):
     """Run one hook command and wait for it; kill it after *timeout* seconds.
 
@@ -1879,6 +2363,157 @@ class HookRunner(object):
 
 
 ###############################################################################
+# DNS: the client and the discovery of servers ################################
+###############################################################################
+
+_dns_random = random.SystemRandom()
+
+
+class DnsClient(object):
+    """A small stub resolver: UDP to each nameserver in turn (TCP when the answer is
+    truncated), ``attempts`` rounds of ``timeout`` seconds each, as the C library
+    does with resolv.conf.  Names are taken as absolute (no search domains).
+
+    Answers are checked before they are believed: the ID and the question must
+    be ours (other datagrams are ignored while the timeout lasts) and the
+    message must parse within the bounds of parse_dns_answer()."""
+
+    def __init__(self, servers, timeout=RESOLV_TIMEOUT, attempts=RESOLV_ATTEMPTS):
+        self.servers, self.timeout, self.attempts = list(servers), timeout, attempts
+
+    @classmethod
+    def configured(cls, settings, path=RESOLV_CONF):
+        """The client for *settings*: dns_servers if set, else resolv.conf's nameservers;
+        resolv.conf's timeout and attempts either way."""
+        try:
+            with open(path) as handle:
+                text = handle.read(65536)
+        except (OSError, UnicodeDecodeError):
+            text = ""
+        servers, timeout, attempts = parse_resolv_conf(text)
+        return cls(settings.dns_servers or servers, timeout, attempts)
+
+    def query(self, name, qtype):
+        """Return the values of *qtype* for *name* (empty: the name has no such record).
+
+        Raises DnsNameError for NXDOMAIN, DnsError when no server gave an answer."""
+        why = "no nameserver"
+        for _ in range(self.attempts):
+            for server in self.servers:
+                try:
+                    answer = self._ask(server, name, qtype)
+                except (OSError, DnsError) as exc:
+                    why = "%s: %s" % (format_address(*server), describe_error(exc))
+                    continue
+                if answer.rcode == DNS_NXDOMAIN:
+                    raise DnsNameError("%s: no such name (NXDOMAIN)" % name)
+                if answer.rcode == DNS_NOERROR:
+                    return dns_values(answer.records, name, qtype)
+                why = "%s: RCODE %d%s" % (format_address(*server), answer.rcode,
+                                          " (SERVFAIL)" if answer.rcode == DNS_SERVFAIL else "")
+        raise DnsError("%s %s: %s" % (name, DNS_TYPE_NAMES[qtype], why))
+
+    def addresses(self, name):
+        """Every A and AAAA address of *name*, sorted."""
+        found = self.query(name, DNS_A) + self.query(name, DNS_AAAA)
+        return sorted(set(found), key=lambda a: (":" in a, a))
+
+    def _ask(self, server, name, qtype):
+        ident = _dns_random.getrandbits(16)
+        message = dns_query(ident, name, qtype)
+        answer = self._udp(server, message, ident, name, qtype)
+        if answer.truncated:
+            answer = self._tcp(server, message, ident, name, qtype)
+            if answer.truncated:
+                raise DnsError("truncated answer over TCP")
+        return answer
+
+    def _udp(self, server, message, ident, name, qtype):
+        deadline = time.monotonic() + self.timeout
+        with socket.socket(literal_family(server[0].split("%")[0]), socket.SOCK_DGRAM) as sock:
+            sock.connect(server)        # datagrams from anyone else are not ours
+            sock.send(message)
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise socket.timeout("timed out")
+                sock.settimeout(remaining)
+                data = sock.recv(DNS_UDP_LIMIT)
+                try:
+                    return parse_dns_answer(data, ident, name, qtype)
+                except DnsMismatch:
+                    continue            # a late or forged answer: wait for ours
+
+    def _tcp(self, server, message, ident, name, qtype):
+        deadline = time.monotonic() + self.timeout
+        with socket.create_connection(server, self.timeout) as sock:
+            sock.sendall(struct.pack("!H", len(message)) + message)
+            size = struct.unpack("!H", self._read(sock, 2, deadline))[0]
+            return parse_dns_answer(self._read(sock, size, deadline), ident, name, qtype)
+
+    @staticmethod
+    def _read(sock, size, deadline):
+        data = b""
+        while len(data) < size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("timed out")
+            sock.settimeout(remaining)
+            chunk = sock.recv(min(size - len(data), DNS_TCP_LIMIT))
+            if not chunk:
+                raise DnsError("TCP answer cut off after %d of %d bytes" % (len(data), size))
+            data += chunk
+        return data
+
+
+def discover(line, client):
+    """The servers a resolve or srv *line* names now: ``[(address, port, weight, backup)]``.
+
+    SRV: the lowest priority present gives the primary servers, higher ones
+    backups; a record's weight is the server's weight (0 counts as 1); target
+    ``.`` (no service) is skipped.  Raises DnsError when nothing is found."""
+    if line.discover == RESOLVE:
+        entries = [(address, line.port, line.weight, line.backup) for address in client.addresses(line.host)]
+    else:
+        records = sorted(set(client.query(line.host, DNS_SRV)))[:DNS_MAX_TARGETS]
+        records = [r for r in records if r[3] and r[2]]
+        best = min(r[0] for r in records) if records else 0
+        entries = [(address, port, max(weight, 1), priority != best)
+                   for priority, weight, port, target in records for address in client.addresses(target)]
+    if not entries:
+        raise DnsError("%s %s: no address" % (line.discover, line.host))
+    return entries
+
+
+class Discoverer(threading.Thread):
+    """Look up the resolve and srv lines of one pool each ``resolve_interval``, off every
+    session's path, and hand what DNS says to the proxy."""
+
+    def __init__(self, proxy, pool):
+        threading.Thread.__init__(self, name="dns-%s" % pool.name, daemon=True)
+        self.proxy, self.pool = proxy, pool
+        self.client = DnsClient.configured(proxy.settings)
+        self.stopping = threading.Event()
+
+    def run(self):
+        while not self.stopping.is_set():
+            for line in self.pool.lines:
+                if self.stopping.is_set():
+                    return
+                try:
+                    self.proxy.discovered(self.pool, line, discover(line, self.client), None)
+                except (DnsError, OSError, ValueError) as exc:
+                    self.proxy.discovered(self.pool, line, None, describe_error(exc))
+                except Exception:   # a bug must cost one lookup, never the pool's discovery
+                    log.exception("pool %s: lookup of %s %s: internal error", self.pool.name, line.discover,
+                                  line.host)
+            self.stopping.wait(self.pool.settings.resolve_interval)
+
+    def stop(self):
+        self.stopping.set()
+
+
+###############################################################################
 # The session: its record and the steps that open it ##########################
 ###############################################################################
 
@@ -1922,6 +2557,7 @@ class Session(object):
         self.upstream_end = None    # FIN or RESET when the server ended the session first
         self.end, self.detail = None, ""
         self.abort_reason = None
+        self.ticket = None          # its place in the pool's queue while it waits there
         self.closed = False
 
     # -- the steps ---------------------------------------------------------
@@ -1937,20 +2573,42 @@ class Session(object):
             self.request = parse_request(url)
         except ValueError as exc:
             return BADREQUEST, str(exc)
-        self.route, self.pool, self.order, self.path, self.query = \
-            self.proxy.decide(self.request, header, self.client_host)
+        try:
+            self.route, self.pool, self.order, self.path, self.query = \
+                self.proxy.decide(self.request, header, self.client_host)
+        except RerouteError as exc:
+            return BADREQUEST, "%s: %s" % (exc, printable(url))
         if self.route is None:
             return NOROUTE, "no route for %s" % printable(url)
         self.budget_deadline = time.monotonic() + self.settings.connect_budget
         return None
 
-    def reserve(self):
-        """Reserve a slot on the next server to try; return a failure ``(reason, detail)`` or None."""
-        member, trial = self.proxy.reserve(self.pool, self.order, self.tried)
+    def reserve(self, wait=False):
+        """Reserve a slot on the next server to try; return a failure ``(reason, detail)`` or None.
+
+        A session that is to queue gets ``(QUEUE, ...)`` unless it may *wait*:
+        then it waits here, in arrival order, up to the pool's queue_timeout, and
+        its connect_budget starts once it has the slot."""
+        queued = time.monotonic()
+        member, trial = self.proxy.reserve(self.pool, self.order, self.tried, self if wait else None)
         if member is None:
+            if trial == QUEUE:
+                return QUEUE, "pool %s: every server is busy; queued" % self.pool.name
             why = "no server could take the session" if self.tried else \
                 ("every server is busy" if trial == BUSY else "every server is down or out of service (drain, maint)")
+            settings = self.pool.settings
+            if trial == CLIENTLOST:
+                return CLIENTLOST, "pool %s: Asterisk hung up while queued %.3fs" % (self.pool.name,
+                                                                                   time.monotonic() - queued)
+            if wait and trial == BUSY and settings.queue_timeout:
+                waited = time.monotonic() - queued
+                why += " (queued %.3fs, queue_timeout = %gs)" % (waited, settings.queue_timeout) \
+                    if waited >= settings.queue_timeout \
+                    else " (max_queue = %d sessions already queued)" % settings.max_queue
             return trial, "pool %s: %s" % (self.pool.name, why)
+        if self.ticket is not None:     # it queued: the queue's time is not the connect budget's
+            self.ticket = None
+            self.budget_deadline = time.monotonic() + self.settings.connect_budget
         self.tried.append(member)
         self.member, self.trial = member, trial       # ours now: the session's end gives it back
         now = time.monotonic()
@@ -2011,7 +2669,7 @@ class Session(object):
                 return failure
         while True:
             if self.member is None:
-                failure = self.reserve()
+                failure = self.reserve(wait=True)
                 if failure:
                     return failure
             state = self.member.state
@@ -2048,12 +2706,28 @@ class Session(object):
             self.scanner.feed(self.client.recv(8192))
         self.header, self.leftover = self.scanner.result()
 
+    def caller_gone(self):
+        """While queued: has Asterisk hung up (its HANGUP line, or EOF)?  Only plain
+        connections can be peeked at; a TLS caller is found gone when its turn comes."""
+        if isinstance(self.client, ssl.SSLSocket):
+            return False
+        try:
+            data = self.client.recv(16, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except WOULD_BLOCK:
+            return False
+        except OSError:
+            return True
+        return not data or data.startswith(b"HANGUP")
+
     # -- control from other threads ---------------------------------------
 
     def abort(self, reason):
         """End the session from another thread (drain timeout, second signal): the
         sockets' shutdown wakes whichever thread has the session."""
         self.abort_reason = reason
+        ticket = self.ticket
+        if ticket is not None:      # waiting in a queue: wake it
+            ticket.ready.set()
         for sock in (self.client, self.upstream):
             try:    # the plain socket's shutdown: SSLSocket's would drop its TLS state under a handshake
                 socket.socket.shutdown(sock, socket.SHUT_RDWR)
@@ -2722,6 +3396,8 @@ class Relay(object):
         while True:
             if session.member is None:
                 failure = session.reserve()
+                if failure and failure[0] == QUEUE:     # waiting is for a worker, never the relay
+                    return self.proxy.workers.submit(session)
                 if failure:
                     return self.open(session, failure)
             if not session.connects_inline():
@@ -2760,7 +3436,7 @@ class Relay(object):
         if failure is None:
             return self._track(Link(session, Link.RELAYING))
         reason, detail = failure
-        if reason in (BADHEADER, ABORTED, INTERNAL):    # not a FastAGI client, or no time left: close
+        if reason in (BADHEADER, ABORTED, INTERNAL, CLIENTLOST):    # not a FastAGI client, no time left, or gone
             session.end, session.detail = reason, detail
             if reason == BADHEADER:
                 self.proxy.count_failure(BADHEADER)
@@ -3157,8 +3833,12 @@ class Proxy(object):
             log.info("listening on %s", listener.name)
 
     def _start_checkers(self):
-        self.checkers = [HealthChecker(self, pool) for pool in self.upstreams.pools.values()
-                         if pool.settings.check != "none"]
+        """Start the background threads of the pools: health checks, agent checks, DNS discovery."""
+        pools = self.upstreams.pools.values()
+        self.checkers = [HealthChecker(self, pool) for pool in pools if pool.settings.check != "none"] + \
+            [AgentChecker(self, pool) for pool in pools
+             if pool.settings.agent_port or any(line.agent_port for line in pool.lines + pool.named)] + \
+            [Discoverer(self, pool) for pool in pools if pool.lines]
         for checker in self.checkers:
             checker.start()
 
@@ -3168,7 +3848,8 @@ class Proxy(object):
         for checker in self.checkers:
             checker.stop()
         for checker in self.checkers if wait else ():
-            checker.join(checker.pool.settings.check_timeout * 2 + 1)
+            if not isinstance(checker, Discoverer):     # a lookup in flight ends on its own; its answer is dropped
+                checker.join(checker.pool.settings.check_timeout * 2 + 1)
         self.checkers = []
 
     @property
@@ -3295,18 +3976,83 @@ class Proxy(object):
             order = pool.order(header.variables, client_host)
         return route, pool, order, path, query
 
-    def reserve(self, pool, order, tried):
-        """Reserve a slot on the next server of *order*; see Pool.reserve()."""
+    def reserve(self, pool, order, tried, waiter=None):
+        """Reserve a slot on the next server of *order*; see Pool.reserve().
+
+        When no server has a slot (every one at max=, or max_sessions reached)
+        and the pool has a queue_timeout, the answer is ``(None, QUEUE)``, unless
+        *waiter* (a Session in a worker thread) is given: it then waits in
+        arrival order for a slot, up to queue_timeout, and gets ``(None, BUSY)``
+        if none comes in time, ``(None, CLIENTLOST)`` if Asterisk hangs up
+        meanwhile.  With max_queue sessions waiting the answer is BUSY at once.
+        Sessions queued first are served first: while the queue is not empty
+        nobody else takes a slot of the pool."""
+        settings, state = pool.settings, pool.state
         hook = None
         with self.lock:
-            if self.settings.max_sessions and self.active >= self.settings.max_sessions:
-                return None, BUSY
-            member, reason = pool.reserve(order, tried, time.monotonic())
-            if member is not None:
-                self.active += 1
-                hook = pool.saturation_change(time.monotonic())
+            queueing = settings.queue_timeout and not tried
+            if queueing and state.queue:
+                member, reason = None, BUSY
+            else:
+                member, reason, hook = self._reserve(pool, order, tried)
+            room = not settings.max_queue or len(state.queue) < settings.max_queue
+            if member is None and reason == BUSY and queueing and room:
+                if waiter is None:
+                    reason = QUEUE
+                else:
+                    waiter.ticket = QueueTicket()
+                    state.queue.append(waiter.ticket)
+        if waiter is not None and waiter.ticket is not None:
+            member, reason, hook = self._wait_in_queue(pool, order, tried, waiter)
         self._run_hook(pool, hook)
         return member, reason
+
+    def _reserve(self, pool, order, tried):
+        """With the lock held: ``(member, reason, hook)``, see Pool.reserve()."""
+        if self.settings.max_sessions and self.active >= self.settings.max_sessions:
+            return None, BUSY, None
+        now = time.monotonic()
+        member, reason = pool.reserve(order, tried, now)
+        if member is None:
+            return None, reason, None
+        self.active += 1
+        return member, reason, pool.saturation_change(now)
+
+    def _wait_in_queue(self, pool, order, tried, session):
+        """Wait for *session*'s turn and a slot, up to the pool's queue_timeout."""
+        state, ticket = pool.state, session.ticket
+        started = time.monotonic()
+        deadline = started + pool.settings.queue_timeout
+        member, reason, hook = None, BUSY, None
+        while session.abort_reason is None and member is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            if session.caller_gone():      # its place goes to the next caller
+                reason = CLIENTLOST
+                break
+            ticket.ready.wait(min(remaining, QUEUE_POLL))
+            with self.lock:
+                ticket.ready.clear()
+                if state.queue and state.queue[0] is ticket and session.abort_reason is None:
+                    member, reason, hook = self._reserve(pool, order, tried)
+        with self.lock:
+            if member is None:
+                state.queue_timeouts += session.abort_reason is None and reason == BUSY
+            state.observe_queued(time.monotonic() - started)
+            head = state.queue and state.queue[0] is ticket
+            state.queue.remove(ticket)
+            if state.queue and (head or member is not None):
+                state.queue[0].ready.set()      # the next one may find a slot too
+        if member is None:
+            session.ticket = None
+        return member, reason, hook
+
+    def _wake_queues(self):
+        """With the lock held: a slot may be free now; the first session queued in each pool looks."""
+        for pool in self.upstreams.pools.values():
+            if pool.state.queue:
+                pool.state.queue[0].ready.set()
 
     def connect_failed(self, pool, member, why, trial, judged=True, shortage=False):
         """Give back the slot of a failed connect; *judged*: the failure counts against the
@@ -3328,6 +4074,7 @@ class Proxy(object):
         """With the lock held: free *member*'s slot; return the pool hook now due, if any."""
         member.state.active -= 1
         self.active -= 1
+        self._wake_queues()
         return pool.saturation_change(now)
 
     @staticmethod
@@ -3363,10 +4110,58 @@ class Proxy(object):
                                             time.monotonic())
         self._say(said)
 
-    @staticmethod
-    def _mark_up(pool, member, why):
+    def discovered(self, pool, line, entries, error):
+        """What DNS says of *line* of *pool* now; *entries* None: the lookup failed (*error*)
+        and the pool keeps the servers of the last good one (logged once per outage)."""
+        said = []
+        with self.lock:
+            if self.upstreams.pools.get(pool.name) is not pool:
+                return          # replaced by a reload meanwhile
+            state, name = pool.state, "%s %s" % (line.discover, line.host)
+            if entries is None:
+                if line not in state.lookup_failing:
+                    state.lookup_failing.add(line)
+                    said.append((logging.WARNING, "pool %s: lookup of %s failed, keeping its %d servers: %s",
+                                 (pool.name, name, len(pool.found[line]), error)))
+            else:
+                if line in state.lookup_failing:
+                    state.lookup_failing.discard(line)
+                    said.append((logging.WARNING, "pool %s: lookup of %s works again", (pool.name, name)))
+                joined, left = pool.set_discovered(line, entries, self.upstreams.states, time.monotonic(),
+                                                   joining=line in state.discovered)
+                if joined or left:
+                    self.upstreams.forget_unused()
+                    self._wake_queues()
+                said += [(logging.INFO, "pool %s: server %s joins (from %s)", (pool.name, server, name))
+                         for server in joined]
+                said += [(logging.INFO, "pool %s: server %s leaves (gone from %s); its live sessions go on",
+                          (pool.name, server, name)) for server in left]
+        self._say(said)
+
+    def agent_said(self, pool, member, line):
+        """Apply the answer *line* of *member*'s agent; a malformed one is logged and ignored."""
+        state = member.state
+        try:
+            report = parse_agent_line(line, state.agent)
+        except ValueError as exc:
+            self.limited_log("agent", logging.WARNING, "agent of %s in pool %s said \"%s\": %s; ignored",
+                             member.name, pool.name, printable(line, 80), exc)
+            return
+        said = []
+        with self.lock:
+            before, state.agent = state.agent, report
+            if report != before:
+                if before.state != AGENT_UP and report.state == AGENT_UP:
+                    state.up_since = time.monotonic()      # back from drain, maint or down: slow start
+                self._wake_queues()
+                said.append((logging.INFO, "agent of %s in pool %s: %s, weight %d%%, maxconn %s",
+                             (member.name, pool.name, report.state, report.weight * 100, report.maxconn or "-")))
+        self._say(said)
+
+    def _mark_up(self, pool, member, why):
         """With the lock held: put *member* back in service; return what to log once the lock is released."""
         if member.state.mark_up():
+            self._wake_queues()
             return [(logging.WARNING, "server %s of pool %s is up again: %s", (member.name, pool.name, why))]
         return []
 
@@ -3465,15 +4260,21 @@ class Proxy(object):
                                      ", ".join("%s=%d" % kv for kv in sorted(stats.failures.items())) or "none",
                                      stats.reloads)]
             for pool in self.upstreams.pools.values():
-                lines.append("pool %s (%s): %d active, %d sessions" % (pool.name, pool.mode, pool.active,
-                                                                       pool.state.sessions))
+                lines.append("pool %s (%s): %d active, %d sessions, %d queued now, %d queue timeouts" % (
+                    pool.name, pool.mode, pool.active, pool.state.sessions, len(pool.state.queue),
+                    pool.state.queue_timeouts))
+                now = time.monotonic()
                 for member in pool.members:
                     state = member.state
-                    lines.append("  server %s%s: %s%s, %d/%s active, %d sessions, %d connect failures%s" % (
+                    lines.append("  server %s%s: %s%s, %d/%s active, %d sessions, %d connect failures%s%s%s" % (
                         member.name, " backup" if member.backup else "", "up" if state.up else "DOWN",
                         "" if member.admin == READY else " (%s)" % member.admin,
-                        state.active, member.max or "-", state.sessions, state.connect_failures,
-                        " (%s)" % state.why_down if state.why_down else ""))
+                        state.active, member.limit(now, pool.settings.slowstart) or "-", state.sessions,
+                        state.connect_failures, " (%s)" % state.why_down if state.why_down else "",
+                        "" if state.agent == AgentReport() else ", agent: %s %d%%" % (state.agent.state,
+                                                                                      state.agent.weight * 100),
+                        ", slow start %d%%" % (member.ramp(now, pool.settings.slowstart) * 100)
+                        if member.ramp(now, pool.settings.slowstart) < 1 else ""))
         return lines
 
     def status(self):
@@ -3586,6 +4387,23 @@ class Proxy(object):
                    [((("pool", p.name),), p.active) for p in self.upstreams.pools.values()])
             metric("pool_sessions_total", "counter", "Ended sessions per pool.",
                    [((("pool", p.name),), p.state.sessions) for p in self.upstreams.pools.values()])
+            pools = list(self.upstreams.pools.values())
+            metric("pool_queue_length", "gauge", "Sessions waiting in the pool's queue for a slot.",
+                   [((("pool", p.name),), len(p.state.queue)) for p in pools])
+            metric("pool_queue_timeouts_total", "counter", "Sessions that waited queue_timeout and got BUSY.",
+                   [((("pool", p.name),), p.state.queue_timeouts) for p in pools])
+            out.append("# HELP agiproxy_pool_queued_seconds Time sessions waited in the pool's queue.\n"
+                       "# TYPE agiproxy_pool_queued_seconds histogram\n")
+            for pool in pools:
+                state, cumulative = pool.state, 0
+                name = pool.name.replace("\\", "\\\\").replace('"', '\\"')
+                for bound, count in zip(QUEUE_BUCKETS, state.queue_buckets):
+                    cumulative += count
+                    out.append('agiproxy_pool_queued_seconds_bucket{pool="%s",le="%r"} %d\n'
+                               % (name, float(bound), cumulative))
+                out.append('agiproxy_pool_queued_seconds_bucket{pool="%s",le="+Inf"} %d\n' % (name, state.queued))
+                out.append('agiproxy_pool_queued_seconds_sum{pool="%s"} %.6f\n' % (name, state.queue_seconds))
+                out.append('agiproxy_pool_queued_seconds_count{pool="%s"} %d\n' % (name, state.queued))
             labels = [(("pool", p.name), ("server", m.name)) for p, m in members]
             metric("server_up", "gauge", "1 when the server takes sessions.",
                    [(l, int(m.state.up)) for l, (p, m) in zip(labels, members)])
@@ -3596,6 +4414,9 @@ class Proxy(object):
                     for admin in ADMIN_STATES])
             metric("server_sessions_max", "gauge", "max= of the server line (0: no limit).",
                    [(l, m.max) for l, (p, m) in zip(labels, members)])
+            now = time.monotonic()
+            metric("server_share", "gauge", "Fraction of its weight the server has now (agent, slow start).",
+                   [(l, "%.3f" % (m.share(now, p.settings.slowstart) / m.weight)) for l, (p, m) in zip(labels, members)])
             metric("server_sessions_total", "counter", "Ended sessions per server.",
                    [(l, m.state.sessions) for l, (p, m) in zip(labels, members)])
             metric("server_connect_failures_total", "counter", "Failed connects per server.",
@@ -4605,20 +5426,39 @@ def probe(url, args=(), variables=None, tls=False, ca=None, insecure=False, repl
     return 0 if commands and not failed else 1
 
 
-def explain(config, url, variables=None, out=sys.stdout):
-    """Print how *url* would be routed (nodast's -t); return 0 if routed, 1 if not."""
+def explain(config, url, variables=None, out=sys.stdout, client=None):
+    """Print how *url* would be routed (nodast's -t): every reroute hop, what the pool's
+    DNS names resolve to now, the servers in the order tried.  Return 0 if routed, 1 if not."""
     header = AgiHeader.parse(synthetic_header(url, (), variables))
     request = parse_request(url)
-    route, pool, path, query = Upstreams(config).route(request, header)
-    order = pool.order(header.variables, "127.0.0.1") if route else []
+    upstreams = Upstreams(config)
+    hops = upstreams.router.hops(request, header.variables)
+    (route, path, query), hops = hops[-1], hops[:-1]
     out.write("request:  %s\n" % url)
+    for hop, hop_path, hop_query in hops:
+        out.write("reroute:  route %s rewrites it to %s%s and routes it again\n"
+                  % (hop.name, hop_path, "?" + hop_query if hop_query else ""))
     if route is None:
         out.write("route:    none: the session would get %s=NOROUTE and FAILURE\n" % config.settings.failure_variable)
         return 1
     kind = "conditions, in file order" if route.conditional else \
         ("catch-all" if route.path == "*" else "longest path %s" % route.path)
     out.write("route:    %s (%s)\n" % (route.name, kind))
-    out.write("pool:     %s (mode %s)\n" % (pool.name, pool.mode))
+    pool = upstreams.pools[route.pool]
+    settings = pool.settings
+    extras = ["mode " + pool.mode,
+              "queue_timeout = %gs, max_queue = %d" % (settings.queue_timeout, settings.max_queue)
+              if settings.queue_timeout else "",
+              "slowstart = %gs" % settings.slowstart if settings.slowstart else "",
+              "agent every %gs" % settings.agent_interval if any(m.agent_port for m in pool.named) or
+              settings.agent_port or any(line.agent_port for line in pool.lines) else ""]
+    out.write("pool:     %s (%s)\n" % (pool.name, "; ".join(e for e in extras if e)))
+    explain_discovery(pool, client or DnsClient.configured(config.settings), out)
+    order = pool.order(header.variables, "127.0.0.1")
+    if not order:
+        out.write("servers:  none now: the session would get %s=NOUPSTREAM and FAILURE\n"
+                  % config.settings.failure_variable)
+        return 1
     for number, member in enumerate(order, 1):
         out.write("server %d: %s%s%s%s\n" % (number, member.name, " weight=%d" % member.weight,
                                             " max=%d" % member.max if member.max else "",
@@ -4629,6 +5469,22 @@ def explain(config, url, variables=None, out=sys.stdout):
         if name in sent.variables:
             out.write("%s%s: %s\n" % ("upstream: " if not number else " " * 10, name, sent.get(name)))
     return 0
+
+
+def explain_discovery(pool, client, out):
+    """Look up the resolve and srv lines of *pool* now, print what they name and make
+    those the pool's servers (for -t and --check)."""
+    for line in pool.lines:
+        try:
+            entries = discover(line, client)
+        except (DnsError, OSError, ValueError) as exc:
+            out.write("dns:      pool %s: %s %s: lookup failed: %s\n" % (pool.name, line.discover, line.host,
+                                                                      describe_error(exc)))
+            continue
+        out.write("dns:      pool %s: %s %s -> %s\n" % (pool.name, line.discover, line.host, ", ".join(
+            "%s weight=%d%s" % (format_address(host, port), weight, " backup" if backup else "")
+            for host, port, weight, backup in entries)))
+        pool.set_discovered(line, entries, {}, 0.0, joining=False)
 
 
 def control(path, command, as_json=False, timeout=5.0, out=sys.stdout, err=sys.stderr):
@@ -4738,6 +5594,9 @@ def main(argv=None):
             sys.stderr.write("agiproxy: %s: warning: %s\n" % (args.config, warning))
         sys.stdout.write("%s: configuration OK (%d routes, %d pools)\n"
                          % (args.config, len(config.routes), len(config.pools)))
+        client = DnsClient.configured(config.settings)
+        for pool in Upstreams(config).pools.values():
+            explain_discovery(pool, client, sys.stdout)
         return 0
     if args.test:
         try:

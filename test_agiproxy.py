@@ -12,6 +12,7 @@ import atexit
 import codecs
 import collections
 import errno
+import io
 import json
 import logging
 import os
@@ -127,14 +128,14 @@ class FakeServer(object):
     """
 
     def __init__(self, script=("ANSWER", "GET VARIABLE CHANNEL"), behaviour=None, host="127.0.0.1",
-                 tls_context=None, backlog=128):
+                 tls_context=None, backlog=128, port=0):
         self.script = script
         self.behaviour = behaviour
         self.tls_context = tls_context
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, 0))
+        self.sock.bind((host, port))
         self.sock.listen(backlog)
         self.host = host
         self.port = self.sock.getsockname()[1]
@@ -5882,6 +5883,911 @@ class ActiveCheckInteropTest(unittest.TestCase):
                                % upstream.port)
         self.assertNotIn(" is down", text)
         self.assertEqual(asterisk(port, header("x")).commands, SERVED)
+
+
+###############################################################################
+# Pools that follow the fleet: DNS, queue, slow start, agent checks, reroute ##
+###############################################################################
+
+
+def dns_wire_name(name):
+    """The uncompressed wire form of *name* (the test's own encoder, not agiproxy's)."""
+    return b"".join(bytes([len(label)]) + label.encode() for label in name.rstrip(".").split(".") if label) + b"\0"
+
+
+def dns_question(query):
+    """``(name, qtype, end of the question)`` of a query (uncompressed, as stub resolvers send)."""
+    labels, position = [], 12
+    while query[position]:
+        size = query[position]
+        labels.append(query[position + 1:position + 1 + size].decode().lower())
+        position += 1 + size
+    return ".".join(labels), struct.unpack("!H", query[position + 1:position + 3])[0], position + 5
+
+
+def dns_reply(query, records=(), rcode=0, truncated=False, ident=None):
+    """An answer to *query*: *records* are ``(owner or None for the question's name, type, value)``;
+    the owner None is written as a compression pointer to the question."""
+    _, _, end = dns_question(query)
+    flags = 0x8180 | rcode | (0x0200 if truncated else 0)
+    out = struct.pack("!HHHHHH", struct.unpack("!H", query[:2])[0] if ident is None else ident, flags, 1,
+                      len(records), 0, 0) + query[12:end]
+    for owner, rtype, value in records:
+        if rtype == agiproxy.DNS_A:
+            data = socket.inet_pton(socket.AF_INET, value)
+        elif rtype == agiproxy.DNS_AAAA:
+            data = socket.inet_pton(socket.AF_INET6, value)
+        elif rtype == agiproxy.DNS_SRV:
+            data = struct.pack("!HHH", *value[:3]) + dns_wire_name(value[3])
+        else:
+            data = dns_wire_name(value)
+        out += (b"\xc0\x0c" if owner is None else dns_wire_name(owner)) + \
+            struct.pack("!HHIH", rtype, 1, 5, len(data)) + data
+    return out
+
+
+class FakeDns(object):
+    """A DNS server on loopback, UDP and TCP on the same port, whose answers the test changes.
+
+    ``answers`` maps ``(name, qtype)`` to a list of records (see dns_reply), an RCODE
+    (int), or a function ``(query, transport) -> bytes or None`` (None: no reply).
+    Names without an entry get NXDOMAIN.  ``truncate`` makes every UDP answer a bare
+    TC=1 message, so clients must ask again over TCP.  ``queries`` records
+    ``(transport, name, qtype)``."""
+
+    def __init__(self):
+        self.answers = {}
+        self.truncate = False
+        self.queries = []
+        self.lock = threading.Lock()
+        for _ in range(20):     # a port free for both UDP and TCP
+            self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.tcp.bind(("127.0.0.1", 0))
+            self.port = self.tcp.getsockname()[1]
+            self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                self.udp.bind(("127.0.0.1", self.port))
+                break
+            except OSError:
+                self.tcp.close()
+                self.udp.close()
+        self.udp.settimeout(0.05)   # close() does not wake recvfrom(): look at stopping now and then
+        self.tcp.listen(16)
+        self.peer = None
+        self.stopping = False
+        self.threads = [threading.Thread(target=self._serve_udp, daemon=True),
+                        threading.Thread(target=self._serve_tcp, daemon=True)]
+        for thread in self.threads:
+            thread.start()
+
+    def set(self, name, qtype, answer):
+        with self.lock:
+            self.answers[(name, qtype)] = answer
+
+    def answer(self, query, transport):
+        name, qtype, _ = dns_question(query)
+        with self.lock:
+            self.queries.append((transport, name, qtype))
+            answer = self.answers.get((name, qtype), 3 if not any(k[0] == name for k in self.answers) else [])
+        if callable(answer):
+            return answer(query, transport)
+        if transport == "udp" and self.truncate:
+            return dns_reply(query, truncated=True)
+        if isinstance(answer, int):
+            return dns_reply(query, rcode=answer)
+        return dns_reply(query, answer)
+
+    def _serve_udp(self):
+        while not self.stopping:
+            try:
+                query, self.peer = self.udp.recvfrom(4096)
+                reply = self.answer(query, "udp")
+                if reply is not None:
+                    self.udp.sendto(reply, self.peer)
+            except (OSError, IndexError, struct.error):
+                if self.stopping:
+                    return
+
+    def _serve_tcp(self):
+        while not self.stopping:
+            try:
+                conn, _ = self.tcp.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    conn.settimeout(TIMEOUT)
+                    size = struct.unpack("!H", recv_exactly(conn, 2, time.monotonic() + TIMEOUT))[0]
+                    reply = self.answer(recv_exactly(conn, size, time.monotonic() + TIMEOUT), "tcp")
+                    if reply is not None:
+                        conn.sendall(reply if reply[:2] == b"\xff\xff" else struct.pack("!H", len(reply)) + reply)
+                except (OSError, IndexError, struct.error):
+                    pass
+
+    def stop(self):
+        self.stopping = True
+        self.udp.close()
+        try:
+            self.tcp.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.tcp.close()
+        for thread in self.threads:
+            thread.join(TIMEOUT)
+
+
+A, AAAA, SRV, CNAME = agiproxy.DNS_A, agiproxy.DNS_AAAA, agiproxy.DNS_SRV, agiproxy.DNS_CNAME
+
+
+def sample_answer(ident=0x1234, name="agi.example.com"):
+    """A valid compressed answer with A, AAAA and SRV records for (ident, name, A)."""
+    query = agiproxy.dns_query(ident, name, A)
+    return dns_reply(query, [(None, A, "10.0.0.1"), (None, AAAA, "2001:db8::1"), (None, SRV, (1, 2, 4573, name))])
+
+
+class DnsMessageTest(unittest.TestCase):
+    """The DNS message code is pure: queries, answers and resolv.conf without a socket."""
+
+    def test_query_and_answer_round_trip(self):
+        query = agiproxy.dns_query(7, "Agi.Example.COM.", A)
+        self.assertEqual(dns_question(query)[:2], ("agi.example.com", A))
+        self.assertEqual(struct.unpack("!HHHHHH", query[:12]), (7, 0x0100, 1, 0, 0, 0))
+        answer = agiproxy.parse_dns_answer(sample_answer(7), 7, "agi.example.com", A)
+        self.assertEqual(answer.rcode, 0)
+        self.assertFalse(answer.truncated)
+        self.assertEqual(answer.records, [("agi.example.com", A, "10.0.0.1"), ("agi.example.com", AAAA, "2001:db8::1"),
+                                          ("agi.example.com", SRV, (1, 2, 4573, "agi.example.com"))])
+
+    def test_cname_chain_is_followed_and_bounded(self):
+        query = agiproxy.dns_query(1, "a.example", A)
+        records = agiproxy.parse_dns_answer(dns_reply(query, [(None, CNAME, "b.example"), ("b.example", CNAME, "c.example"),
+                                                               ("c.example", A, "10.0.0.3"), ("x.example", A, "10.9.9.9")]),
+                                            1, "a.example", A).records
+        self.assertEqual(agiproxy.dns_values(records, "a.example", A), ["10.0.0.3"])
+        looping = [("a.example", CNAME, "b.example"), ("b.example", CNAME, "a.example")]
+        self.assertRaises(agiproxy.DnsError, agiproxy.dns_values, looping, "a.example", A)
+        long_chain = [("n%d.example" % i, CNAME, "n%d.example" % (i + 1)) for i in range(20)]
+        self.assertRaises(agiproxy.DnsError, agiproxy.dns_values, long_chain, "n0.example", A)
+
+    def test_wrong_id_question_or_flags_is_a_mismatch(self):
+        good = sample_answer(5)
+        parse = agiproxy.parse_dns_answer
+        self.assertRaises(agiproxy.DnsMismatch, parse, good, 6, "agi.example.com", A)
+        self.assertRaises(agiproxy.DnsMismatch, parse, good, 5, "other.example.com", A)
+        self.assertRaises(agiproxy.DnsMismatch, parse, good, 5, "agi.example.com", AAAA)
+        self.assertRaises(agiproxy.DnsMismatch, parse, good[:2] + b"\x01\x00" + good[4:], 5, "agi.example.com", A)
+        self.assertRaises(agiproxy.DnsMismatch, parse, good[:4] + b"\x00\x02" + good[6:], 5, "agi.example.com", A)
+
+    def test_rcode_and_truncation_are_reported(self):
+        query = agiproxy.dns_query(9, "gone.example", SRV)
+        self.assertEqual(agiproxy.parse_dns_answer(dns_reply(query, rcode=3), 9, "gone.example", SRV),
+                         (3, False, []))
+        self.assertEqual(agiproxy.parse_dns_answer(dns_reply(query, truncated=True), 9, "gone.example", SRV),
+                         (0, True, []))
+
+    def test_compression_loops_and_forward_pointers_are_refused(self):
+        query = agiproxy.dns_query(3, "x.example", A)
+        head = dns_reply(query)[:-0 or None]
+        base = bytearray(head)
+        base[7] = 1     # one answer
+        offset = len(base)
+        for owner in (struct.pack("!H", 0xC000 | offset),               # points at itself
+                      struct.pack("!H", 0xC000 | (offset + 2)) + b"\xc0\x0c",   # forward
+                      b"\x01a" + struct.pack("!H", 0xC000 | offset),    # label then back to its own start
+                      b"\x40" + b"a" * 64,                               # label type 01
+                      b"\x3f" + b"a" * 63 + b"\x3f" + b"a" * 63 + b"\x3f" + b"a" * 63 + b"\x3f" + b"a" * 63 + b"\0"):
+            message = bytes(base) + owner + struct.pack("!HHIH", A, 1, 5, 4) + b"\x0a\0\0\x01"
+            with self.assertRaises(agiproxy.DnsError, msg=repr(owner[:8])):
+                agiproxy.parse_dns_answer(message, 3, "x.example", A)
+
+    def test_every_cut_of_an_answer_is_a_clean_error(self):
+        good = sample_answer(11)
+        for size in range(len(good)):
+            try:
+                agiproxy.parse_dns_answer(good[:size], 11, "agi.example.com", A)
+            except agiproxy.DnsError:
+                continue
+            self.fail("a cut at %d of %d bytes parsed" % (size, len(good)))
+
+    def test_record_counts_and_record_sizes_are_bounded(self):
+        query = agiproxy.dns_query(4, "many.example", A)
+        many = dns_reply(query, [(None, A, "10.0.0.1")] * (agiproxy.DNS_MAX_RECORDS + 1))
+        self.assertRaises(agiproxy.DnsError, agiproxy.parse_dns_answer, many, 4, "many.example", A)
+        odd = dns_reply(query, [(None, A, "10.0.0.1")])[:-6] + struct.pack("!H", 5) + b"\x0a\0\0\x01\x01"
+        self.assertRaises(agiproxy.DnsError, agiproxy.parse_dns_answer, odd, 4, "many.example", A)
+        self.assertRaises(agiproxy.DnsError, agiproxy.encode_dns_name, "a" * 64 + ".example")
+        self.assertRaises(agiproxy.DnsError, agiproxy.encode_dns_name, ".".join(["abcdefgh"] * 30))
+
+    def test_fuzzed_answers_raise_only_dns_errors(self):
+        seed = int(os.environ.get("AGIPROXY_FUZZ_SEED", random.randrange(2 ** 32)))
+        rng = random.Random(seed)
+        good = sample_answer(0x4242)
+        rounds = 200000 if SOAK else 20000
+        started = time.monotonic()
+        outcomes = collections.Counter()
+        for _ in range(rounds):
+            message = bytearray(good)
+            for _ in range(rng.randint(1, 6)):
+                kind = rng.random()
+                position = rng.randrange(len(message))
+                if kind < 0.6:
+                    message[position] = rng.randrange(256)
+                elif kind < 0.8:
+                    message[position] = 0xC0 | rng.randrange(4)
+                    if position + 1 < len(message):
+                        message[position + 1] = rng.randrange(256)
+                elif kind < 0.9:
+                    del message[position:position + rng.randint(1, 8)]
+                else:
+                    message[position:position] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+            try:
+                answer = agiproxy.parse_dns_answer(bytes(message), 0x4242, "agi.example.com", A)
+                agiproxy.dns_values(answer.records, "agi.example.com", A)
+                outcomes["parsed"] += 1
+            except agiproxy.DnsMismatch:
+                outcomes["mismatch"] += 1
+            except agiproxy.DnsError:
+                outcomes["error"] += 1
+            except Exception as exc:
+                self.fail("seed %d: %r raised %r" % (seed, bytes(message), exc))
+        elapsed = time.monotonic() - started
+        sys.stderr.write("\n[dns fuzz seed %d] %d answers in %.2fs: %s " % (seed, rounds, elapsed, dict(outcomes)))
+        self.assertLess(elapsed / rounds, 0.001)
+        self.assertTrue(outcomes["parsed"] and outcomes["error"])
+
+    def test_resolv_conf(self):
+        parse = agiproxy.parse_resolv_conf
+        self.assertEqual(parse(""), ([("127.0.0.1", 53)], 5.0, 2))
+        text = ("# generated\nsearch svc.cluster.local\nnameserver 10.96.0.10\nnameserver fe80::1%eth0\n"
+                "nameserver not-an-ip\nnameserver 10.0.0.2 ; comment\nnameserver 10.0.0.3\n"
+                "options ndots:5 timeout:1 attempts:9\noptions timeout:x\n")
+        self.assertEqual(parse(text), ([("10.96.0.10", 53), ("fe80::1%eth0", 53), ("10.0.0.2", 53)], 1.0, 5))
+        self.assertEqual(parse("options timeout:0 attempts:0\n")[1:], (1.0, 1))
+
+
+class DnsClientTest(unittest.TestCase):
+    """The client against a real DNS server on loopback, honest and hostile."""
+
+    def setUp(self):
+        self.dns = FakeDns()
+        self.addCleanup(self.dns.stop)
+
+    def client(self, timeout=0.3, attempts=2, servers=None):
+        return agiproxy.DnsClient(servers or [("127.0.0.1", self.dns.port)], timeout, attempts)
+
+    def test_addresses_over_udp(self):
+        self.dns.set("agi.test", A, [(None, A, "127.0.0.2"), (None, A, "127.0.0.1")])
+        self.dns.set("agi.test", AAAA, [(None, AAAA, "::1")])
+        self.assertEqual(self.client().addresses("agi.test"), ["127.0.0.1", "127.0.0.2", "::1"])
+        self.assertEqual([q[0] for q in self.dns.queries], ["udp", "udp"])
+
+    def test_truncated_answer_is_asked_again_over_tcp(self):
+        self.dns.truncate = True
+        self.dns.set("_agi._tcp.test", SRV, [(None, SRV, (10, 5, 4600, "a.test"))])
+        self.assertEqual(self.client().query("_agi._tcp.test", SRV), [(10, 5, 4600, "a.test")])
+        self.assertEqual([q[0] for q in self.dns.queries], ["udp", "tcp"])
+
+    def forging(self, *extra):
+        """An answer function that first sends a forged ID and a forged question (and *extra*)."""
+        def answer(query, transport):
+            ident = struct.unpack("!H", query[:2])[0]
+            for forged in (dns_reply(query, [(None, A, "6.6.6.6")], ident=ident ^ 1),
+                           dns_reply(agiproxy.dns_query(ident, "evil.test", A), [(None, A, "6.6.6.7")])) + extra:
+                self.dns.udp.sendto(forged, self.dns.peer)
+            return dns_reply(query, [(None, A, "127.0.0.9")])
+        return answer
+
+    def test_wrong_id_and_wrong_question_are_ignored_until_the_real_answer(self):
+        self.dns.set("agi.test", A, self.forging())
+        self.assertEqual(self.client().query("agi.test", A), ["127.0.0.9"])
+        self.dns.set("agi.test", A, self.forging(b"\x00"))    # garbage is not skipped: this try failed
+        with self.assertRaises(agiproxy.DnsError):
+            self.client(attempts=1).query("agi.test", A)
+
+    def test_nxdomain_is_an_answer_and_servfail_tries_every_attempt(self):
+        self.assertRaises(agiproxy.DnsNameError, self.client().query, "nothing.test", A)
+        self.assertEqual(len(self.dns.queries), 1)
+        self.dns.set("broken.test", A, 2)
+        with self.assertRaises(agiproxy.DnsError) as caught:
+            self.client(attempts=3).query("broken.test", A)
+        self.assertIn("SERVFAIL", str(caught.exception))
+        self.assertEqual(len(self.dns.queries), 4)
+
+    def test_no_reply_times_out_within_timeout_times_attempts(self):
+        self.dns.set("silent.test", A, lambda query, transport: None)
+        started = time.monotonic()
+        with self.assertRaises(agiproxy.DnsError) as caught:
+            self.client(timeout=0.2, attempts=2).query("silent.test", A)
+        elapsed = time.monotonic() - started
+        self.assertIn("timed out", str(caught.exception))
+        self.assertGreater(elapsed, 0.35)
+        self.assertLess(elapsed, 2.0)
+
+    def test_second_nameserver_answers_when_the_first_is_dead(self):
+        self.dns.set("agi.test", A, [(None, A, "127.0.0.5")])
+        client = self.client(timeout=0.2, attempts=1, servers=[("127.0.0.1", dead_udp_port()),
+                                                               ("127.0.0.1", self.dns.port)])
+        self.assertEqual(client.query("agi.test", A), ["127.0.0.5"])
+
+    def test_hostile_tcp_answers(self):
+        self.dns.truncate = True
+        self.dns.set("cut.test", A, lambda query, transport:
+                     dns_reply(query, truncated=True) if transport == "udp" else b"\xff\xff" + b"\0" * 100)
+        self.assertRaises(agiproxy.DnsError, self.client().query, "cut.test", A)
+        self.dns.set("garbage.test", A, lambda query, transport: query[:2] + b"\x81\x80" + b"\xff" * 40)
+        self.assertRaises(agiproxy.DnsError, self.client().query, "garbage.test", A)
+        self.dns.truncate = False
+        self.dns.set("big.test", A, [(None, A, "10.0.0.1")] * 400)      # 6 KB in one datagram
+        self.assertRaises(agiproxy.DnsError, self.client().query, "big.test", A)
+        self.dns.set("tc.test", A, lambda query, transport: dns_reply(query, truncated=True))
+        with self.assertRaises(agiproxy.DnsError) as caught:
+            self.client().query("tc.test", A)
+        self.assertIn("truncated answer over TCP", str(caught.exception))
+
+
+def dead_udp_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class FleetCase(PoolCase):
+    """A proxy whose pools may take servers from a FakeDns."""
+
+    def fake_dns(self):
+        dns = FakeDns()
+        self.addCleanup(dns.stop)
+        return dns
+
+    @staticmethod
+    def members(proxy, pool="main"):
+        with proxy.lock:
+            return sorted(m.name for m in proxy.upstreams.pools[pool].members)
+
+    @staticmethod
+    def served_by(*servers):
+        return [len(s.headers) for s in servers]
+
+    def config(self, dns, line, extra=""):
+        """A proxy configuration whose pool main has the server *line*, looked up at *dns*."""
+        return """
+            [agiproxy]
+            listen = 127.0.0.1:0
+            dns_servers = 127.0.0.1:%d
+            [pool main]
+            resolve_interval = 0.1
+            %s
+            servers =
+                %s
+            [route all]
+            path = *
+            pool = main
+        """ % (dns.port, extra, line)
+
+
+class DiscoveryTest(FleetCase):
+    """Part 1: servers from resolve and srv lines follow DNS, with sessions in flight."""
+
+    def test_resolve_membership_follows_dns_with_a_session_in_flight(self):
+        first = self.server(behaviour=hold_or_answer)
+        second = self.server(behaviour=hold_or_answer, host="127.0.0.2", port=first.port)
+        dns = self.fake_dns()
+        dns.set("agi.fleet.test", A, [(None, A, "127.0.0.1")])
+        proxy = self.proxy(self.config(dns, "agi.fleet.test:%d resolve max=5" % first.port))
+        wait_until(lambda: self.members(proxy) == [first.address], message="the first lookup")
+        held = self.hold(proxy, first)
+        changed = time.monotonic()
+        dns.set("agi.fleet.test", A, [(None, A, "127.0.0.2")])
+        wait_until(lambda: self.members(proxy) == [second.address], message="the pool to follow DNS")
+        latency = time.monotonic() - changed
+        sys.stderr.write("\n[membership change %.0f ms after the DNS change, resolve_interval 100 ms] " % (latency * 1000))
+        self.assertEqual(asterisk(self.port(proxy), header("x")).commands, [b"ANSWER"])
+        self.assertEqual(self.served_by(first, second), [1, 1])
+        self.assertEqual(self.state(proxy, first.port).active, 1)     # the removed server finishes its session
+        held.sendall(b"200 result=0\n")
+        held.close()
+        self.assertIdle(proxy)
+        self.assertTrue(self.log_has("server %s leaves" % first.address))
+        self.assertTrue(self.log_has("server %s joins" % second.address))
+        dns.set("agi.fleet.test", A, [(None, A, "127.0.0.1"), (None, A, "127.0.0.2")])
+        wait_until(lambda: self.members(proxy) == [first.address, second.address], message="both")
+
+    def test_failed_lookup_keeps_the_last_good_set_and_logs_once(self):
+        upstream = self.server()
+        dns = self.fake_dns()
+        dns.set("agi.fleet.test", A, [(None, A, "127.0.0.1")])
+        proxy = self.proxy(self.config(dns, "agi.fleet.test:%d resolve" % upstream.port))
+        wait_until(lambda: self.members(proxy) == [upstream.address], message="the first lookup")
+        for answer in (2, lambda query, transport: b"\0\0garbage", []):
+            count = len(dns.queries)
+            dns.set("agi.fleet.test", A, answer)
+            wait_until(lambda: len(dns.queries) > count + 4, message="lookups to fail")
+            self.assertEqual(self.members(proxy), [upstream.address])
+            self.assertEqual(asterisk(self.port(proxy)).commands, [b"ANSWER", b"GET VARIABLE CHANNEL"])
+        failures = [m for m in LOG.messages() if "lookup of resolve agi.fleet.test failed" in m]
+        self.assertEqual(len(failures), 1, failures)        # one outage, one line
+        self.assertIn("keeping its 1 servers", failures[0])
+        dns.set("agi.fleet.test", A, [(None, A, "127.0.0.1")])
+        wait_until(lambda: self.log_has("lookup of resolve agi.fleet.test works again"), message="recovery")
+        dns.set("agi.fleet.test", A, 3)
+        wait_until(lambda: self.log_has("no such name (NXDOMAIN)"), message="the next outage to be logged")
+        self.assertEqual(self.members(proxy), [upstream.address])
+
+    def test_srv_priority_weight_and_port(self):
+        primary, other, backup = self.server(), self.server(), self.server()
+        dns = self.fake_dns()
+        dns.truncate = True         # and over TCP
+        dns.set("_agi._tcp.fleet.test", SRV, [(None, SRV, (10, 3, primary.port, "a.fleet.test")),
+                                              (None, SRV, (10, 1, other.port, "a.fleet.test")),
+                                              (None, SRV, (20, 1, backup.port, "b.fleet.test")),
+                                              (None, SRV, (30, 1, 9, "."))])
+        dns.set("a.fleet.test", A, [(None, A, "127.0.0.1")])
+        dns.set("b.fleet.test", A, [(None, CNAME, "c.fleet.test"), ("c.fleet.test", A, "127.0.0.1")])
+        dns.set("c.fleet.test", A, [])
+        proxy = self.proxy(self.config(dns, "srv _agi._tcp.fleet.test", "mode = round-robin"))
+        wait_until(lambda: len(self.members(proxy)) == 3, message="the SRV lookup")
+        with proxy.lock:
+            found = [(m.state.port, m.weight, m.backup) for m in proxy.upstreams.pools["main"].members]
+        self.assertEqual(sorted(found), sorted([(primary.port, 3, False), (other.port, 1, False),
+                                                (backup.port, 1, True)]))
+        for _ in range(8):
+            asterisk(self.port(proxy))
+        self.assertEqual(self.served_by(primary, other, backup), [6, 2, 0])
+        dns.set("_agi._tcp.fleet.test", SRV, [(None, SRV, (20, 1, backup.port, "b.fleet.test"))])
+        wait_until(lambda: len(self.members(proxy)) == 1, message="the pool to shrink")
+        asterisk(self.port(proxy))
+        self.assertEqual(self.served_by(primary, other, backup), [6, 2, 1])
+
+    def test_explain_and_check_show_what_the_names_resolve_to(self):
+        dns = self.fake_dns()
+        dns.set("agi.fleet.test", A, [(None, A, "127.0.0.7")])
+        config = make_config(self.config(dns, "agi.fleet.test:4600 resolve\n                srv _x._tcp.fleet.test"))
+        out = io.StringIO()
+        self.assertEqual(agiproxy.explain(config, "agi://pbx/x", out=out), 0)
+        self.assertIn("dns:      pool main: resolve agi.fleet.test -> 127.0.0.7:4600 weight=1", out.getvalue())
+        self.assertIn("srv _x._tcp.fleet.test: lookup failed: _x._tcp.fleet.test: no such name (NXDOMAIN)",
+                      out.getvalue())
+        self.assertIn("server 1: 127.0.0.7:4600", out.getvalue())
+        config = make_config(self.config(dns, "agi.fleet.test:4600 resolve agent_port=4700",
+                                         "queue_timeout = 2\n            slowstart = 30s"))
+        out = io.StringIO()
+        agiproxy.explain(config, "agi://pbx/x", out=out)
+        self.assertIn("pool:     main (mode failover; queue_timeout = 2s, max_queue = 100; slowstart = 30s; "
+                      "agent every 5s)", out.getvalue())
+
+    def test_check_prints_what_names_resolve_to(self):
+        dns = self.fake_dns()
+        dns.set("_agi._tcp.fleet.test", SRV, [(None, SRV, (1, 0, 4600, "a.fleet.test"))])
+        dns.set("a.fleet.test", A, [(None, A, "127.0.0.8")])
+        path = os.path.join(self.tempdir(), "agiproxy.conf")
+        with open(path, "w") as handle:
+            handle.write(textwrap.dedent(self.config(dns, "srv _agi._tcp.fleet.test")))
+        out = subprocess.check_output([sys.executable, PROGRAM, "-c", path, "--check"], timeout=TIMEOUT)
+        self.assertIn(b"dns:      pool main: srv _agi._tcp.fleet.test -> 127.0.0.8:4600 weight=1\n", out)
+
+    def test_reload_keeps_the_servers_dns_gave(self):
+        upstream = self.server()
+        dns = self.fake_dns()
+        dns.set("agi.fleet.test", A, [(None, A, "127.0.0.1")])
+        text = textwrap.dedent(self.config(dns, "agi.fleet.test:%d resolve" % upstream.port))
+        path = os.path.join(self.tempdir(), "agiproxy.conf")
+        with open(path, "w") as handle:
+            handle.write(text.replace("resolve_interval = 0.1", "resolve_interval = 1h"))
+        proxy = self.proxy(text.replace("resolve_interval = 0.1", "resolve_interval = 1h"))
+        wait_until(lambda: self.members(proxy) == [upstream.address], message="the first lookup")
+        dns.set("agi.fleet.test", A, lambda query, transport: None)     # DNS goes silent
+        self.assertTrue(proxy.reload(path))
+        self.assertEqual(self.members(proxy), [upstream.address])
+        self.assertEqual(asterisk(self.port(proxy)).commands, [b"ANSWER", b"GET VARIABLE CHANNEL"])
+
+    def test_config_errors(self):
+        for line, fragment in (("10.0.0.1:4573 resolve", "resolve needs a host name"),
+                               ("srv _agi._tcp.x weight=2", "weight does not apply to a srv line"),
+                               ("srv", "srv needs a DNS name"),
+                               ("agi.x resolve agent_port=70000", "port number up to 65535")):
+            with self.assertRaises(agiproxy.ConfigError) as caught:
+                make_config("[agiproxy]\n[pool p]\nservers = %s\n" % line)
+            self.assertIn(fragment, str(caught.exception))
+
+
+def gated_script(gate):
+    """A behaviour that waits for *gate* before its one command, so a session holds its slot."""
+    def behaviour(conn, header, server):
+        gate.wait(TIMEOUT)
+        server.run_script(conn, ("ANSWER",))
+    return behaviour
+
+
+class QueueTest(FleetCase):
+    """Part 2: at saturation sessions wait in arrival order, up to queue_timeout, then BUSY."""
+
+    CONFIG = """
+        [agiproxy]
+        listen = 127.0.0.1:0
+        connect_timeout = 0.5
+        connect_budget = 0.5
+        [pool main]
+        queue_timeout = %s
+        max_queue = %d
+        servers = 127.0.0.1:%d max=1
+        [pool other]
+        servers = 127.0.0.1:%d
+        [route other]
+        path = other
+        pool = other
+        [route all]
+        path = *
+        pool = main
+    """
+
+    def queued(self, proxy):
+        with proxy.lock:
+            return len(proxy.upstreams.pools["main"].state.queue)
+
+    def test_sessions_are_served_in_arrival_order_after_waiting(self):
+        upstream = self.server(behaviour=hold_or_answer)
+        other = self.server()
+        proxy = self.proxy(self.CONFIG % ("5", 10, upstream.port, other.port))
+        holder = self.hold(proxy, upstream)
+        results = {}
+        threads = []
+        for number in range(4):
+            thread = threading.Thread(target=lambda n=number: results.__setitem__(
+                n, asterisk(self.port(proxy), header("q%d" % n))))
+            thread.start()
+            threads.append(thread)
+            wait_until(lambda: self.queued(proxy) == number + 1, message="session %d to queue" % number)
+        started = time.monotonic()
+        self.assertEqual(asterisk(self.port(proxy), header("other")).commands[0], b"ANSWER")   # not blocked
+        self.assertLess(time.monotonic() - started, 1.0)
+        time.sleep(0.6)     # longer than connect_budget: the queue's time must not count against it
+        holder.close()
+        for thread in threads:
+            thread.join(TIMEOUT)
+        self.assertEqual([results[n].commands for n in range(4)], [[b"ANSWER"]] * 4)
+        paths = [re.search(rb"agi_request: \S+/(\w+)", h).group(1) for h in upstream.headers[1:]]
+        self.assertEqual(paths, [b"q0", b"q1", b"q2", b"q3"])
+        self.assertIdle(proxy)
+        samples = parse_prometheus(proxy.metrics())[1]
+        self.assertEqual(metric_value(samples, "agiproxy_pool_queued_seconds_count", pool="main"), 4)
+        self.assertEqual(metric_value(samples, "agiproxy_pool_queue_timeouts_total", pool="main"), 0)
+        self.assertEqual(metric_value(samples, "agiproxy_pool_queue_length", pool="main"), 0)
+
+    def test_queue_timeout_gives_busy_and_max_queue_busy_at_once(self):
+        upstream = self.server(behaviour=hold_or_answer)
+        other = self.server()
+        proxy = self.proxy(self.CONFIG % ("0.4", 1, upstream.port, other.port))
+        holder = self.hold(proxy, upstream)
+        result = []
+        waiting = threading.Thread(target=lambda: result.append(timed(self.port(proxy), header("q"))))
+        waiting.start()
+        wait_until(lambda: self.queued(proxy) == 1, message="one session to queue")
+        (transcript, elapsed) = timed(self.port(proxy), header("full"))
+        self.assertEqual(transcript.status, "BUSY")
+        self.assertLess(elapsed, 0.3)
+        waiting.join(TIMEOUT)
+        self.assertEqual(result[0][0].status, "BUSY")
+        self.assertGreater(result[0][1], 0.35)
+        self.assertLess(result[0][1], 2.0)
+        self.assertTrue(self.log_has("queue_timeout = 0.4s"))
+        samples = parse_prometheus(proxy.metrics())[1]
+        self.assertEqual(metric_value(samples, "agiproxy_pool_queue_timeouts_total", pool="main"), 1)
+        holder.close()
+        self.assertIdle(proxy)
+
+    def test_caller_who_hangs_up_leaves_the_queue(self):
+        upstream = self.server(behaviour=hold_or_answer)
+        other = self.server()
+        proxy = self.proxy(self.CONFIG % ("30", 10, upstream.port, other.port))
+        holder = self.hold(proxy, upstream)
+        for goodbye in (b"HANGUP\n", b""):
+            sock = socket.create_connection(("127.0.0.1", self.port(proxy)), TIMEOUT)
+            self.addCleanup(sock.close)
+            sock.sendall(header("gone"))
+            wait_until(lambda: self.queued(proxy) == 1, message="a session to queue")
+            if goodbye:
+                sock.sendall(goodbye)
+            else:
+                sock.shutdown(socket.SHUT_WR)
+            wait_until(lambda: self.queued(proxy) == 0, message="the caller to leave the queue", timeout=2)
+            self.assertTrue(expect_eof(sock, time.monotonic() + TIMEOUT))
+            sock.close()
+        wait_until(lambda: self.log_has("Asterisk hung up while queued"), message="the access log")
+        self.assertTrue(any("end=CLIENTLOST" in m for m in LOG.messages()))
+        holder.close()
+        self.assertIdle(proxy)
+        self.assertEqual(len(upstream.headers), 1)      # the server never saw them
+        samples = parse_prometheus(proxy.metrics())[1]
+        self.assertEqual(metric_value(samples, "agiproxy_pool_queue_timeouts_total", pool="main"), 0)
+
+    def test_queued_session_is_aborted_by_shutdown(self):
+        upstream = self.server(behaviour=hold_or_answer)
+        proxy = self.proxy(self.CONFIG % ("30", 10, upstream.port, upstream.port))
+        self.hold(proxy, upstream)
+        sock = socket.create_connection(("127.0.0.1", self.port(proxy)), TIMEOUT)
+        self.addCleanup(sock.close)
+        sock.sendall(header("q"))
+        wait_until(lambda: self.queued(proxy) == 1, message="a session to queue")
+        started = time.monotonic()
+        proxy.abort_sessions("test")
+        wait_until(lambda: self.queued(proxy) == 0, message="the queued session to leave", timeout=2)
+        self.assertLess(time.monotonic() - started, 2)
+
+
+class SlowStartTest(FleetCase):
+    """Part 3: a returning or joining server's share grows linearly over slowstart."""
+
+    def test_share_grows_linearly_in_each_mode(self):
+        limited = pool_of(["10.0.0.1 max=100"], "failover", "slowstart = 10").members[0]
+        limited.state.up_since = 0.0
+        self.assertEqual([limited.limit(now, 10) for now in (0.0, 2.5, 5.0, 10.0)], [5, 25, 50, 100])
+        for mode in ("round-robin", "least-sessions", "hash", "failover"):
+            pool = pool_of(["10.0.0.1", "10.0.0.2"], mode, "slowstart = 10")
+            pool.random.seed(1)
+            fresh = pool.members[0]
+            fresh.state.up_since = 0.0
+            shares = []
+            for now in (0.0, 5.0, 10.0):
+                counts = collections.Counter()
+                for number in range(2000):
+                    member, _ = pool.reserve(pool.order({"agi_uniqueid": str(number)}, "", now), [], now)
+                    counts[member.name] += 1
+                    if mode != "least-sessions":    # least-sessions shares the sessions it holds
+                        member.state.active -= 1
+                for member in pool.members:
+                    member.state.active = 0
+                shares.append(counts[fresh.name] / 2000.0)
+            sys.stderr.write("\n[slow start %s: share of the returning server at 0/50/100%% of slowstart: %s] "
+                             % (mode, " ".join("%.3f" % share for share in shares)))
+            expected = (0.05 / 1.05, 0.5 / 1.5, 0.5) if mode != "failover" else (0.05, 0.5, 1.0)
+            for share, wanted in zip(shares, expected):
+                self.assertAlmostEqual(share, wanted, delta=0.05, msg="%s %s" % (mode, shares))
+
+    def test_server_back_from_its_trial_starts_slowly(self):
+        upstream = self.closable()
+        steady = self.server()
+        proxy = self.proxy("""
+            [agiproxy]
+            listen = 127.0.0.1:0
+            [pool main]
+            mode = round-robin
+            slowstart = 30
+            retry_after = 0.05
+            servers =
+                127.0.0.1:%d
+                127.0.0.1:%d
+            [route all]
+            path = *
+            pool = main
+        """, upstream, steady)
+        close_listener(upstream)
+        asterisk(self.port(proxy))
+        wait_until(lambda: not self.state(proxy, upstream.port).up, message="the server to go down")
+        reopen_listener(upstream)
+        wait_until(lambda: asterisk(self.port(proxy)) and self.state(proxy, upstream.port).up,
+                   message="its trial to bring it back")
+        before = len(upstream.headers)
+        for _ in range(40):
+            asterisk(self.port(proxy))
+        self.assertLessEqual(len(upstream.headers) - before, 4)     # ~5% of 40, not half
+
+
+class SlowStartJoinTest(FleetCase):
+    """Part 3 with part 1: a server that joins from DNS starts slowly; the first lookup's do not."""
+
+    def test_joining_server_starts_slowly(self):
+        first = self.server()
+        joining = self.server(host="127.0.0.2", port=first.port)
+        dns = self.fake_dns()
+        dns.set("agi.fleet.test", A, [(None, A, "127.0.0.1")])
+        proxy = self.proxy(self.config(dns, "agi.fleet.test:%d resolve" % first.port,
+                                       "mode = round-robin\n            slowstart = 30"))
+        wait_until(lambda: self.members(proxy) == [first.address], message="the first lookup")
+        with proxy.lock:
+            self.assertEqual(proxy.upstreams.pools["main"].members[0].ramp(time.monotonic(), 30), 1.0)
+        dns.set("agi.fleet.test", A, [(None, A, "127.0.0.1"), (None, A, "127.0.0.2")])
+        wait_until(lambda: len(self.members(proxy)) == 2, message="the second server to join")
+        for _ in range(40):
+            asterisk(self.port(proxy))
+        share = len(joining.headers) / 40.0
+        sys.stderr.write("\n[slow start: a server joined from DNS took %.1f%% of 40 sessions in its first "
+                         "seconds of slowstart = 30s] " % (share * 100))
+        self.assertGreaterEqual(len(joining.headers), 1)
+        self.assertLessEqual(len(joining.headers), 4)
+
+
+class FakeAgent(object):
+    """An agent-check port: each connection gets ``line`` and is closed."""
+
+    def __init__(self):
+        self.line = b"up\n"
+        self.asked = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    conn.sendall(self.line)
+                except OSError:
+                    pass
+            self.asked += 1
+
+    def stop(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        self.thread.join(TIMEOUT)
+
+
+class AgentCheckTest(FleetCase):
+    """Part 4: the application says how it is, in HAProxy's agent-check format."""
+
+    def test_agent_lines(self):
+        parse, Report = agiproxy.parse_agent_line, agiproxy.AgentReport
+        self.assertEqual(parse("up"), Report())
+        self.assertEqual(parse("drain"), Report("drain"))
+        self.assertEqual(parse("75%"), Report("up", 0.75))
+        self.assertEqual(parse("ready,50% maxconn:10\r"), Report("up", 0.5, 10))
+        self.assertEqual(parse("down #db unreachable"), Report("down"))
+        self.assertEqual(parse("maint", Report("up", 0.5, 10)), Report("maint", 0.5, 10))
+        self.assertEqual(parse("stopped"), Report("down"))
+        for bad in ("", "sideways", "101 %", "300%", "maxconn:x", "up 50"):
+            self.assertRaises(ValueError, parse, bad)
+
+    def test_agent_drains_weights_and_limits_a_server(self):
+        agent = FakeAgent()
+        self.addCleanup(agent.stop)
+        first, second = self.server(behaviour=hold_or_answer), self.server(behaviour=hold_or_answer)
+        proxy = self.proxy("""
+            [agiproxy]
+            listen = 127.0.0.1:0
+            [pool main]
+            mode = round-robin
+            agent_interval = 0.05
+            servers =
+                127.0.0.1:%d agent_port=%d
+                127.0.0.1:%d
+            [route all]
+            path = *
+            pool = main
+        """ % (first.port, agent.port, second.port))
+
+        def says(line, expected, logged=None):
+            agent.line = line
+            if logged:      # an answer that changes nothing: wait for its log line
+                wait_until(lambda: self.log_has(logged), message="the answer to be logged")
+            wait_until(lambda: self.state(proxy, first.port).agent == expected, message="%s to apply" % line)
+
+        says(b"drain\n", agiproxy.AgentReport("drain"))
+        held = self.hold(proxy, second)             # a live session goes on
+        for _ in range(6):
+            asterisk(self.port(proxy), header("x"))
+        self.assertEqual(len(first.headers), 0)
+        says(b"ready 50%\n", agiproxy.AgentReport("up", 0.5))
+        for _ in range(6):
+            asterisk(self.port(proxy), header("x"))
+        self.assertEqual(len(first.headers), 2)     # a third of six
+        says(b"junk!\n", agiproxy.AgentReport("up", 0.5), 'said "junk!": unknown word junk!; ignored')
+        says(b"100%,maxconn:1\n", agiproxy.AgentReport("up", 1.0, 1))
+        self.hold(proxy, first)
+        for _ in range(4):
+            asterisk(self.port(proxy), header("x"))
+        self.assertEqual(len(first.headers), 3)     # held at its maxconn
+        says(b"down\n", agiproxy.AgentReport("down", 1.0, 1))
+        self.assertEqual(self.state(proxy, first.port).active, 1)
+        held.close()
+
+    def test_unreachable_agent_changes_nothing(self):
+        upstream = self.server()
+        proxy = self.proxy("""
+            [agiproxy]
+            listen = 127.0.0.1:0
+            [pool main]
+            agent_port = %d
+            agent_interval = 0.05
+            check_timeout = 0.2
+            servers = 127.0.0.1:%d
+            [route all]
+            path = *
+            pool = main
+        """ % (dead_port(), upstream.port))
+        wait_until(lambda: self.log_has("agent of 127.0.0.1:%d in pool main" % upstream.port), message="a log line")
+        self.assertEqual(asterisk(self.port(proxy)).commands, [b"ANSWER", b"GET VARIABLE CHANNEL"])
+
+
+REROUTES = """
+    [agiproxy]
+    [pool old]
+    servers = 10.0.0.1
+    [pool new]
+    servers = 10.0.0.2
+    [route legacy]
+    match = ^/legacy/(\\w+)/(\\w+)$
+    rewrite = /v2/{2}/{1}?{query}
+    reroute = yes
+    pool = old
+    [route v2-billing]
+    path = v2/billing
+    pool = new
+    [route ping]
+    match = ^/ping/(\\w+)
+    rewrite = /pong/{1}
+    reroute = yes
+    pool = old
+    [route pong]
+    match = ^/pong/(\\w+)
+    rewrite = /ping/{1}
+    reroute = yes
+    pool = old
+    [route all]
+    path = *
+    pool = old
+"""
+
+
+class RerouteTest(FleetCase):
+    """Part 5: a rewritten request is routed again."""
+
+    def test_hops_and_run_time_loop(self):
+        config = make_config(REROUTES)
+        upstreams = agiproxy.Upstreams(config)
+        request = agiproxy.parse_request("agi://pbx/legacy/charge/billing?x=1")
+        hops = upstreams.router.hops(request, {})
+        self.assertEqual([(r.name, p, q) for r, p, q in hops],
+                         [("legacy", "/v2/billing/charge", "x=1"), ("v2-billing", "/v2/billing/charge", "x=1")])
+        route, pool, path, query = upstreams.route(request, agiproxy.AgiHeader.parse(header("legacy/a/b")))
+        self.assertEqual((route.name, pool.name, path, query), ("v2-billing", "new", "/v2/billing/charge", "x=1"))
+        with self.assertRaises(agiproxy.RerouteError) as caught:
+            upstreams.router.hops(agiproxy.parse_request("agi://pbx/ping/1"), {})
+        self.assertIn("ping -> pong -> ping", str(caught.exception))
+        out = io.StringIO()
+        self.assertEqual(agiproxy.explain(config, "agi://pbx/legacy/charge/billing", out=out), 0)
+        self.assertIn("reroute:  route legacy rewrites it to /v2/billing/charge and routes it again", out.getvalue())
+        self.assertIn("route:    v2-billing", out.getvalue())
+
+    def test_visible_loop_is_a_config_error(self):
+        with self.assertRaises(agiproxy.ConfigError) as caught:
+            make_config("""
+                [agiproxy]
+                [pool p]
+                servers = 10.0.0.1
+                [route a]
+                path = a
+                rewrite = /b
+                reroute = yes
+                pool = p
+                [route b]
+                path = b
+                rewrite = /a?x=1
+                reroute = yes
+                pool = p
+            """)
+        self.assertIn("[route a] reroute: the rewritten request is routed back: a -> b -> a", str(caught.exception))
+        with self.assertRaises(agiproxy.ConfigError) as caught:
+            make_config("[agiproxy]\n[pool p]\nservers = h\n[route a]\npath = a\nreroute = yes\npool = p\n")
+        self.assertIn("needs rewrite", str(caught.exception))
+
+    def test_sessions_follow_the_reroute_and_a_loop_is_badrequest(self):
+        upstream = self.server()
+        proxy = self.proxy(REROUTES.replace("[agiproxy]", "[agiproxy]\n    listen = 127.0.0.1:0")
+                           .replace("10.0.0.2", "127.0.0.1:%d" % upstream.port))
+        self.assertEqual(asterisk(self.port(proxy), header("legacy/charge/billing")).commands[0], b"ANSWER")
+        self.assertIn(b"agi_request: agi://127.0.0.1:4573/v2/billing/charge\n", upstream.headers[0])
+        self.assertEqual(asterisk(self.port(proxy), header("ping/1")).status, "BADREQUEST")
+        self.assertTrue(self.log_has("reroute loop: ping -> pong -> ping"))
+        self.assertIdle(proxy)
 
 
 class CountingResult(unittest.TextTestResult):
