@@ -791,6 +791,7 @@ class HeaderScanner(object):
         self.lines = 0          # complete lines so far, not counting the blank one
         self.start = 0          # where the line being received starts
         self.end = -1           # just past the blank line, once it is there
+        self.first_end = 0      # the end of the first line, until it is checked
 
     @property
     def done(self):
@@ -823,8 +824,11 @@ class HeaderScanner(object):
             if self.lines > self.max_lines:
                 raise HeaderError("more than max_header_lines = %d lines" % self.max_lines)
             if self.lines == 1:
-                AgiHeader.parse(bytes(buffer[:newline + 1]) + b"\n")     # reject garbage early
+                self.first_end = newline + 1
             self.start = newline + 1
+        if self.first_end and not self.done:    # garbage is rejected early (a whole header: by result())
+            AgiHeader.parse(bytes(buffer[:self.first_end]) + b"\n")
+            self.first_end = 0
         size = self.end if self.done else len(buffer)
         if size > self.max_bytes:
             raise HeaderError("header larger than max_header_bytes = %d" % self.max_bytes)
@@ -3486,18 +3490,17 @@ class Relay(object):
         inbound, outbound = (link.up, link.down) if sock is session.client else (link.down, link.up)
         if mask == READ and link.phase == Link.RELAYING and not (outbound.buffer or inbound.buffer):
             # the common event, a line from either side, without the bookkeeping of the rest
-            data = self._receive(link, inbound, now)
-            if data:
+            if self._receive(link, inbound, now):
                 self._flush(link, inbound, now)
                 if not inbound.buffer and link.phase == Link.RELAYING:
                     return          # all written: both sockets still want READ only
-            return self._after(link)
-        if outbound.sink is sock and mask & outbound.write_on:     # writes first: they make room
-            self._flush(link, outbound, now)
-        if mask & READ and sock in link.lingering:
-            self._discard(link, sock)
-        if inbound.source is sock and mask & inbound.read_on and inbound.readable():
-            self._receive(link, inbound, now)
+        else:
+            if outbound.sink is sock and mask & outbound.write_on:     # writes first: they make room
+                self._flush(link, outbound, now)
+            if mask & READ and sock in link.lingering:
+                self._discard(link, sock)
+            if inbound.source is sock and mask & inbound.read_on and inbound.readable():
+                self._receive(link, inbound, now)
         for pipe in link.pipes:
             if pipe.buffer or pipe.state == Pipe.EOF and not pipe.hold:
                 self._flush(link, pipe, now)
@@ -5076,6 +5079,11 @@ class LogQueue(logging.handlers.QueueHandler):
         logging.handlers.QueueHandler.__init__(self, queue.Queue(LOG_QUEUE_SIZE))
         self.dropped = 0
         self.unreported = 0
+
+    def prepare(self, record):
+        """As it is: the writer thread formats it (agiproxy's arguments are strings and numbers,
+        which do not change), so the thread that logs pays only for the record."""
+        return record
 
     def enqueue(self, record):     # called with the handler's lock held
         try:
