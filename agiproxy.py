@@ -2534,6 +2534,14 @@ class Session(object):
     header still arriving, a host name to resolve, a TLS upstream.
     """
 
+    #: A held call costs what its record needs: no per-object dict.
+    __slots__ = ("abort_reason", "attempt_timeout", "budget_deadline", "bytes_down", "bytes_up",
+                 "client", "client_address", "client_host", "client_name", "closed",
+                 "connect_deadline", "detail", "end", "header", "header_read", "leftover",
+                 "listener", "member", "order", "path", "pool", "proxy", "query", "request",
+                 "request_url", "route", "scanner", "settings", "started", "ticket", "tls_context",
+                 "trial", "tried", "upstream", "upstream_end")
+
     def __init__(self, proxy, sock, client_address, listener):
         self.proxy = proxy
         self.settings = proxy.settings
@@ -2647,9 +2655,11 @@ class Session(object):
                                 self.client_name if self.settings.forwarded_for else None) + self.leftover
 
     def release_header(self):
-        """The header is forwarded: drop it, so that a held call costs what its record needs."""
-        self.header = self.scanner = None
+        """The header is forwarded: drop it (and the servers to try), so that a held call
+        costs what its record needs."""
+        self.header = self.scanner = self.request = self.path = self.query = None
         self.leftover = b""
+        self.order = self.tried = ()
 
     # -- the waiting path --------------------------------------------------
 
@@ -2793,6 +2803,9 @@ class Pipe(object):
     the next recv and send wait for.  A source of None is agiproxy itself.
     """
 
+    #: Slots, not a per-object dict: every held call has two pipes.
+    __slots__ = ("buffer", "hold", "read_on", "sent", "sink", "source", "state", "tls", "write_on")
+
     OPEN, EOF, SHUT = "open", "eof", "shut"
 
     def __init__(self, source, sink):
@@ -2888,6 +2901,12 @@ class Link(object):
     EOF, so a close never resets bytes the peer has not read.
     """
 
+    #: Slots, not a per-object dict: every held call has one link.
+    __slots__ = ("down", "failure_final", "failure_step", "header_size", "interest", "last",
+                 "last_chunk", "lingering", "phase", "pipes", "probe_at", "probe_started",
+                 "probe_step", "reply", "scheduled", "session", "settings", "since", "timed", "up",
+                 "upstream_spoke_last")
+
     HEADER, CONNECTING, RELAYING, FIN_IN_FLIGHT, FAILING, ENDING = \
         "header", "connecting", "relaying", "fin-in-flight", "failing", "ending"
     #: Steps of the failure path.
@@ -2900,15 +2919,15 @@ class Link(object):
         self.up = Pipe(client, upstream)
         self.down = Pipe(upstream, client)
         self.pipes = (self.up, self.down)
-        self.interest = {}          # socket -> events registered
+        self.interest = [0, 0]      # events registered for the client's socket and the upstream's
         self.upstream_spoke_last = False
         self.last = session.started
         self.since = 0.0            # when the current phase's own clock started
         self.probe_at = None        # FIN_IN_FLIGHT: when to ask the kernel about the upstream
         self.failure_step = None
         self.failure_final = b""
-        self.reply = bytearray()
-        self.lingering = {}         # sockets read only to reach their EOF -> until when
+        self.reply = b""
+        self.lingering = None       # sockets read only to reach their EOF -> until when (a dict)
         self.settings = session.settings
         self.header_size = None     # bytes of the forwarded header, once connected
         self.scheduled = None       # the earliest deadline in the relay's heap
@@ -2922,7 +2941,7 @@ class Link(object):
             return READ
         if self.phase == Link.CONNECTING:
             return WRITE if sock is self.session.upstream else 0
-        events = READ if sock in self.lingering else 0
+        events = READ if self.lingering and sock in self.lingering else 0
         for pipe in self.pipes:
             if pipe.source is sock and pipe.readable():
                 events |= pipe.read_on
@@ -2939,7 +2958,7 @@ class Link(object):
             return session.connect_deadline
         if self.phase == Link.RELAYING and not (self.timed or self.lingering):
             return None             # the common case, at every event: nothing to wait for
-        times = list(self.lingering.values())
+        times = list(self.lingering.values()) if self.lingering else []
         if self.phase in (Link.RELAYING, Link.FIN_IN_FLIGHT):
             if settings.idle_timeout:
                 times.append(self.last + settings.idle_timeout)
@@ -3012,7 +3031,8 @@ class Link(object):
     def lost(self, sock, exc, now):
         """A read or a write on *sock* failed: that peer is gone (reset, timeout, TLS error)."""
         session = self.session
-        self.lingering.pop(sock, None)
+        if self.lingering:
+            self.lingering.pop(sock, None)
         why = describe_error(exc)
         if sock is session.client:
             self.up.source_lost()                   # what it sent still goes to the upstream
@@ -3042,7 +3062,7 @@ class Link(object):
     def expired(self, now):
         """A deadline of deadline() has come."""
         session, settings = self.session, self.settings
-        for sock, until in list(self.lingering.items()):
+        for sock, until in list(self.lingering.items() if self.lingering else ()):
             if now >= until:
                 del self.lingering[sock]
         if self.phase in (Link.RELAYING, Link.FIN_IN_FLIGHT):
@@ -3062,7 +3082,7 @@ class Link(object):
             session.detail += ", fin_timeout = %gs reached" % settings.fin_timeout
             for pipe in self.pipes:         # what is still open is closed as it is
                 pipe.state, pipe.source, pipe.hold = Pipe.SHUT, None, False
-            self.lingering.clear()
+            self.lingering = None
 
     def timed_out(self, detail, now):
         if self.session.pool.settings.report_lost:
@@ -3094,6 +3114,8 @@ class Link(object):
         """Read *sock* only to reach its end, for at most LINGER_TIMEOUT: a close with unread
         bytes would be a reset, which can destroy what the peer has not yet read."""
         if sock is not None:
+            if self.lingering is None:
+                self.lingering = {}
             self.lingering[sock] = now + LINGER_TIMEOUT
 
     def after_io(self, now):
@@ -3285,11 +3307,11 @@ class Relay(object):
             data = key.data
             if data is None:
                 self._take_incoming()
-            elif isinstance(data, tuple):
-                link = data[0]
+            elif isinstance(data, Link):
+                link = data
                 if link in self.links:
                     try:
-                        self._event(link, data[1], mask)
+                        self._event(link, key.fileobj, mask)
                     except Exception:
                         log.exception("%s: relay: internal error", link.session.client_name)
                         link.session.end, link.session.detail = INTERNAL, "internal error"
@@ -3497,7 +3519,7 @@ class Relay(object):
         else:
             if outbound.sink is sock and mask & outbound.write_on:     # writes first: they make room
                 self._flush(link, outbound, now)
-            if mask & READ and sock in link.lingering:
+            if mask & READ and link.lingering and sock in link.lingering:
                 self._discard(link, sock)
             if inbound.source is sock and mask & inbound.read_on and inbound.readable():
                 self._receive(link, inbound, now)
@@ -3545,18 +3567,20 @@ class Relay(object):
             link.after_io(time.monotonic())
         if link.finished():
             return self._close(link)
-        for sock in (link.session.client, link.session.upstream):
+        session, interest = link.session, link.interest
+        for index in (0, 1):
+            sock = session.upstream if index else session.client
             if sock is None:
                 continue
-            want, have = link.events_for(sock), link.interest.get(sock, 0)
+            want, have = link.events_for(sock), interest[index]
             if want != have:
                 if not have:
-                    self.selector.register(sock, want, (link, sock))
+                    self.selector.register(sock, want, link)
                 elif want:
-                    self.selector.modify(sock, want, (link, sock))
+                    self.selector.modify(sock, want, link)
                 else:
                     self.selector.unregister(sock)
-                link.interest[sock] = want
+                interest[index] = want
         when = link.deadline()
         if when is not None and (link.scheduled is None or when < link.scheduled):
             link.scheduled = when
@@ -3592,13 +3616,13 @@ class Relay(object):
 
     def _forget(self, link):
         """Stop watching *link*'s sockets and drop it (its session goes on, or is closed)."""
-        for sock, events in link.interest.items():
+        for sock, events in zip((link.session.client, link.session.upstream), link.interest):
             if events:
                 try:
                     self.selector.unregister(sock)
                 except (KeyError, ValueError):
                     pass
-        link.interest = {}
+        link.interest = [0, 0]
         self.links.discard(link)
         self.live -= 1
         if len(self.timers) > 2 * self.live + 64:     # entries of ended sessions: drop them
