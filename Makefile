@@ -36,6 +36,7 @@ test:
 	    soak=0; [ "$$py" = "$$first" ] || [ "$$py" = "$$last" ] && soak=1; \
 	    echo "=== $$py ($$("$$py" -V 2>&1)), soak=$$soak" > $$dir/$$index.log; \
 	    AGIPROXY_SOAK=$$soak timeout 900 "$$py" test_agiproxy.py >> $$dir/$$index.log 2>&1 || true; \
+	    echo "(finished $$py: $$(tail -n 1 $$dir/$$index.log))"; \
 	  done < $$lane & \
 	done; wait; \
 	index=0; for py in $(PYTHONS); do index=$$((index + 1)); log=$$dir/$$index.log; \

@@ -59,7 +59,7 @@ import weakref
 import configparser
 import json
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 ###############################################################################
 # Constants ###################################################################
@@ -2213,13 +2213,25 @@ def describe_error(exc):
     return getattr(exc, "strerror", None) or str(exc) or exc.__class__.__name__
 
 
-class HealthChecker(threading.Thread):
-    """Check every server of one pool each ``check_interval`` until stop()."""
+class PoolThread(threading.Thread):
+    """A background thread of one pool (checks, agents, DNS): runs until stop()."""
+
+    #: Its threads are called KIND-POOL.
+    kind = "pool"
 
     def __init__(self, proxy, pool):
-        threading.Thread.__init__(self, name="check-%s" % pool.name, daemon=True)
+        threading.Thread.__init__(self, name="%s-%s" % (self.kind, pool.name), daemon=True)
         self.proxy, self.pool = proxy, pool
         self.stopping = threading.Event()
+
+    def stop(self):
+        self.stopping.set()
+
+
+class HealthChecker(PoolThread):
+    """Check every server of one pool each ``check_interval`` until stop()."""
+
+    kind = "check"
 
     def run(self):
         settings = self.pool.settings
@@ -2232,9 +2244,6 @@ class HealthChecker(threading.Thread):
                     return
                 self.proxy.check_result(self.pool, member, why)
             self.stopping.wait(settings.check_interval)
-
-    def stop(self):
-        self.stopping.set()
 
 
 def check_agent(member, settings):
@@ -2250,13 +2259,10 @@ def check_agent(member, settings):
         close_quietly(sock)
 
 
-class AgentChecker(threading.Thread):
+class AgentChecker(PoolThread):
     """Ask the agent of every server of one pool that has an agent_port, each ``agent_interval``."""
 
-    def __init__(self, proxy, pool):
-        threading.Thread.__init__(self, name="agent-%s" % pool.name, daemon=True)
-        self.proxy, self.pool = proxy, pool
-        self.stopping = threading.Event()
+    kind = "agent"
 
     def run(self):
         settings = self.pool.settings
@@ -2271,9 +2277,6 @@ class AgentChecker(threading.Thread):
                         self.proxy.limited_log("agent", logging.WARNING, "agent of %s in pool %s: %s; ignored",
                                                member.name, self.pool.name, describe_error(exc))
             self.stopping.wait(settings.agent_interval)
-
-    def stop(self):
-        self.stopping.set()
 
 
 def run_hook(name, argv, timeout):
@@ -2489,15 +2492,15 @@ def discover(line, client):
     return entries
 
 
-class Discoverer(threading.Thread):
+class Discoverer(PoolThread):
     """Look up the resolve and srv lines of one pool each ``resolve_interval``, off every
     session's path, and hand what DNS says to the proxy."""
 
+    kind = "dns"
+
     def __init__(self, proxy, pool):
-        threading.Thread.__init__(self, name="dns-%s" % pool.name, daemon=True)
-        self.proxy, self.pool = proxy, pool
+        PoolThread.__init__(self, proxy, pool)
         self.client = DnsClient.configured(proxy.settings)
-        self.stopping = threading.Event()
 
     def run(self):
         while not self.stopping.is_set():
@@ -2512,9 +2515,6 @@ class Discoverer(threading.Thread):
                     log.exception("pool %s: lookup of %s %s: internal error", self.pool.name, line.discover,
                                   line.host)
             self.stopping.wait(self.pool.settings.resolve_interval)
-
-    def stop(self):
-        self.stopping.set()
 
 
 ###############################################################################

@@ -2988,6 +2988,45 @@ def low_nofile(limit):
     return preexec
 
 
+def start_starved_proxy(case, upstream, global_extra="", pool_extra=""):
+    """Start agiproxy as a child process with an open-file limit of EmfileTest.LIMIT in front of
+    *upstream* (max_connections raised, so that idle clients can exhaust its descriptors at
+    all); return ``(child, port, log_text)``."""
+    directory = tempfile.mkdtemp(prefix="agiproxy-emfile-")
+    case.addCleanup(shutil.rmtree, directory, True)
+    logfile = os.path.join(directory, "agiproxy.log")
+    conf = os.path.join(directory, "agiproxy.conf")
+    with open(conf, "w") as handle:
+        handle.write("[agiproxy]\nlisten = 127.0.0.1:0\nheader_timeout = 60\nmax_connections = 1000\n"
+                     "log = %s\n%s\n[pool main]\nservers = 127.0.0.1:%d\n%s\n[route all]\npath = *\npool = main\n"
+                     % (logfile, global_extra, upstream.port, textwrap.dedent(pool_extra)))
+    stderr = open(os.path.join(directory, "stderr"), "wb")
+    case.addCleanup(stderr.close)
+    child = subprocess.Popen([sys.executable, PROGRAM, "-c", conf], stdin=subprocess.DEVNULL,
+                             stdout=stderr, stderr=stderr, preexec_fn=low_nofile(EmfileTest.LIMIT))
+
+    def stop():
+        if child.poll() is None:
+            child.kill()
+        child.wait(TIMEOUT)
+    case.addCleanup(stop)
+
+    def log_text():
+        try:
+            with open(logfile) as handle:
+                return handle.read()
+        except IOError:
+            return ""
+
+    def listening():
+        if child.poll() is not None:
+            with open(os.path.join(directory, "stderr"), "rb") as handle:
+                raise AssertionError("agiproxy exited %s: %r" % (child.returncode, handle.read()))
+        return re.search(r"listening on 127\.0\.0\.1:(\d+)", log_text())
+    port = int(wait_until(listening, message="the child proxy to listen").group(1))
+    return child, port, log_text
+
+
 @unittest.skipUnless(sys.platform.startswith("linux"), "needs /proc and RLIMIT_NOFILE")
 class EmfileTest(SecurityCase):
     """Out of descriptors: accept() fails, agiproxy logs (rate limited), pauses instead of spinning, recovers."""
@@ -2995,48 +3034,7 @@ class EmfileTest(SecurityCase):
     LIMIT = 40
 
     def test_emfile_is_logged_does_not_spin_and_recovers(self):
-        upstream = self.server()
-        directory = tempfile.mkdtemp(prefix="agiproxy-h5-emfile-")
-        self.addCleanup(shutil.rmtree, directory, True)
-        logfile = os.path.join(directory, "agiproxy.log")
-        conf = os.path.join(directory, "agiproxy.conf")
-        with open(conf, "w") as handle:
-            handle.write(textwrap.dedent("""
-                [agiproxy]
-                listen = 127.0.0.1:0
-                header_timeout = 60
-                max_connections = 1000
-                log = %s
-                [pool main]
-                servers = 127.0.0.1:%d
-                [route all]
-                path = *
-                pool = main
-            """ % (logfile, upstream.port)))
-        stderr = open(os.path.join(directory, "stderr"), "wb")
-        self.addCleanup(stderr.close)
-        child = subprocess.Popen([sys.executable, PROGRAM, "-c", conf], stdin=subprocess.DEVNULL,
-                                 stdout=stderr, stderr=stderr, preexec_fn=low_nofile(self.LIMIT))
-
-        def stop():
-            if child.poll() is None:
-                child.kill()
-            child.wait(TIMEOUT)
-        self.addCleanup(stop)
-
-        def log_text():
-            try:
-                with open(logfile) as handle:
-                    return handle.read()
-            except IOError:
-                return ""
-
-        def listening():
-            if child.poll() is not None:
-                with open(os.path.join(directory, "stderr"), "rb") as handle:
-                    raise AssertionError("agiproxy exited %s: %r" % (child.returncode, handle.read()))
-            return re.search(r"listening on 127\.0\.0\.1:(\d+)", log_text())
-        port = int(wait_until(listening, message="the child proxy to listen").group(1))
+        child, port, log_text = start_starved_proxy(self, self.server())
         self.assertIn("open-file limit %d" % self.LIMIT, log_text())
         idle = []
         try:
@@ -4300,10 +4298,23 @@ class CommandLineTest(ProgramCase):
 ###############################################################################
 
 
+#: free_port() draws from below Linux's ephemeral range (32768-60999): a port it gives
+#: cannot be taken meanwhile by an outgoing connection of a suite running beside this one.
+FREE_PORTS = (20000, 32000)
+
+
 def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port nobody uses now, for a child proxy's configuration (which must name one)."""
+    rng = random.SystemRandom()
+    for _ in range(100):
+        port = rng.randrange(*FREE_PORTS)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port in %d-%d" % FREE_PORTS)
 
 
 class InitScriptTest(ProxyCase):
@@ -5825,51 +5836,14 @@ class ActiveCheckInteropTest(unittest.TestCase):
         self.assertEqual(member.state.check_streak, -1)
 
     def test_checks_during_fd_exhaustion_do_not_take_the_server_down(self):
-        """Issue 10 item 7, in a child proxy with 40 descriptors: its checks hit EMFILE and are skipped.
-        (max_connections is raised so that the idle clients can exhaust the descriptors at all.)"""
+        """Issue 10 item 7, in a child proxy with 40 descriptors: its checks hit EMFILE and are skipped."""
         upstream = FakeServer()
         self.addCleanup(upstream.stop)
-        directory = tempfile.mkdtemp(prefix="agiproxy-h13-emfile-")
-        self.addCleanup(shutil.rmtree, directory, True)
-        logfile = os.path.join(directory, "agiproxy.log")
-        conf = os.path.join(directory, "agiproxy.conf")
-        with open(conf, "w") as handle:
-            handle.write(textwrap.dedent("""
-                [agiproxy]
-                listen = 127.0.0.1:0
-                header_timeout = 60
-                max_connections = 1000
-                log = %s
-                log_level = debug
-                [pool main]
-                check = tcp
-                check_interval = 20ms
-                check_timeout = 1
-                fall = 2
-                servers = 127.0.0.1:%d
-                [route all]
-                path = *
-                pool = main
-            """ % (logfile, upstream.port)))
-        child = subprocess.Popen([sys.executable, PROGRAM, "-c", conf], stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                 preexec_fn=low_nofile(EmfileTest.LIMIT))
-
-        def stop():
-            if child.poll() is None:
-                child.kill()
-            child.wait(TIMEOUT)
-        self.addCleanup(stop)
-
-        def log_text():
-            try:
-                with open(logfile) as handle:
-                    return handle.read()
-            except IOError:
-                return ""
-        port = int(wait_until(lambda: child.poll() is None and re.search(r"listening on 127\.0\.0\.1:(\d+)",
-                                                                          log_text()),
-                              message="the child proxy to listen").group(1))
+        child, port, log_text = start_starved_proxy(self, upstream, "log_level = debug", """
+            check = tcp
+            check_interval = 20ms
+            check_timeout = 1
+            fall = 2""")
         idle = []
         try:
             for _ in range(EmfileTest.LIMIT + 20):
