@@ -258,17 +258,27 @@ def start_proxy(interpreter, program, place, app_port, global_keys="", route="",
 # --- The fake Asterisk ------------------------------------------------------------------
 
 
+def trace_text():
+    """a-plain.trace from ../shared, or (in a checkout without it, as in CI) the same capture
+    as test_agiproxy.py embeds it, read as text: the suite is not imported."""
+    if os.path.exists(TRACE):
+        with open(TRACE, "rb") as handle:
+            return handle.read().decode("ascii")
+    with open(os.path.join(ROOT, "test_agiproxy.py"), "rb") as handle:
+        source = handle.read().decode("utf-8")
+    return re.search(r'TRACES\["a-plain"\] = r"""(.*?)"""', source, re.S).group(1)
+
+
 def trace_header():
     """The header lines (bytes, LF-terminated) Asterisk sent in a-plain.trace."""
     lines = []
-    with open(TRACE, "rb") as handle:
-        for raw in handle.read().decode("ascii").splitlines():
-            match = re.match(r"^(?:\+[\d.]+)?\s+(A>S|S>A) (.*)$", raw)
-            if not match:
-                continue
-            if match.group(1) == "S>A":
-                break
-            lines.append(match.group(2).encode("ascii").decode("unicode_escape").encode("latin-1"))
+    for raw in trace_text().splitlines():
+        match = re.match(r"^(?:\+[\d.]+)?\s+(A>S|S>A) (.*)$", raw)
+        if not match:
+            continue
+        if match.group(1) == "S>A":
+            break
+        lines.append(match.group(2).encode("ascii").decode("unicode_escape").encode("latin-1"))
     assert lines[-1] == b"\n", lines[-1]
     return lines
 
