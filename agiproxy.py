@@ -261,14 +261,14 @@ def format_address(host, port):
     return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
 
-def parse_address_list(text):
+def parse_address_list(text, default_port=DEFAULT_PORT):
     """Return a list of addresses separated by commas or white space."""
-    return [parse_address(item) for item in re.split(r"[\s,]+", text.strip()) if item]
+    return [parse_address(item, default_port) for item in re.split(r"[\s,]+", text.strip()) if item]
 
 
 def parse_nameservers(text):
     """Return DNS server addresses (port 53 unless given) separated by commas or white space."""
-    return [parse_address(item, DNS_PORT) for item in re.split(r"[\s,]+", text.strip()) if item]
+    return parse_address_list(text, DNS_PORT)
 
 
 def parse_port(text):
@@ -1100,7 +1100,6 @@ class Router(object):
         names = [name for name in self.tested if len(variables.get(name, "")) > self.limit]
         return names + ["the request path"] if self.paths_tested and len(request.path) > self.limit else names
 
-
     def hops(self, request, variables):
         """Route *request*, and again after each rewrite of a ``reroute`` route.
 
@@ -1537,6 +1536,36 @@ class Member(object):
         self.state.weights[self.pool] = (self.file_weight, weight)
 
 
+class Histogram(object):
+    """A Prometheus histogram's counts: observations at or below each of *bounds*, their sum."""
+
+    def __init__(self, bounds):
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.count, self.sum = 0, 0.0
+
+    def observe(self, value):
+        self.count += 1
+        self.sum += value
+        for index, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[index] += 1
+                break
+
+    def lines(self, name, labels=""):
+        """The exposition lines of agiproxy_*name*: cumulative buckets, sum, count.
+        *labels* are the series' own, written before ``le`` (``pool="x",``)."""
+        out, cumulative = [], 0
+        for bound, count in zip(self.bounds, self.counts):
+            cumulative += count
+            out.append('agiproxy_%s_bucket{%sle="%r"} %d\n' % (name, labels, float(bound), cumulative))
+        out.append('agiproxy_%s_bucket{%sle="+Inf"} %d\n' % (name, labels, self.count))
+        series = "{%s}" % labels.rstrip(",") if labels else ""
+        out.append("agiproxy_%s_sum%s %.6f\n" % (name, series, self.sum))
+        out.append("agiproxy_%s_count%s %d\n" % (name, series, self.count))
+        return out
+
+
 class PoolState(object):
     """What a pool keeps across reloads, shared by its old and new Pool objects
     (guarded by the proxy's lock): ended sessions, saturation, its hook runner."""
@@ -1547,20 +1576,11 @@ class PoolState(object):
         self.saturation_hook_at = -math.inf
         self.hooks = HookRunner()
         self.queue = collections.deque()     # QueueTickets of sessions waiting for a slot, oldest first
-        self.queued = 0
         self.queue_timeouts = 0
-        self.queue_buckets = [0] * len(QUEUE_BUCKETS)
-        self.queue_seconds = 0.0
+        self.queued = Histogram(QUEUE_BUCKETS)   # how long sessions waited in the queue
         self.discovered = {}                 # server line -> entries of its last good lookup
         self.lookup_failing = set()          # server lines whose lookups fail now (logged once)
 
-    def observe_queued(self, waited):
-        self.queued += 1
-        self.queue_seconds += waited
-        for index, bound in enumerate(QUEUE_BUCKETS):
-            if waited <= bound:
-                self.queue_buckets[index] += 1
-                break
 
 
 class QueueTicket(object):
@@ -3759,8 +3779,7 @@ class Stats(object):
         self.sessions = 0
         self.failures = collections.Counter()
         self.bytes_up = self.bytes_down = 0
-        self.buckets = [0] * len(DURATION_BUCKETS)
-        self.duration_sum = 0.0
+        self.durations = Histogram(DURATION_BUCKETS)
         self.reloads = 0
         self.reload_ok = 1
 
@@ -3768,11 +3787,7 @@ class Stats(object):
         self.sessions += 1
         self.bytes_up += bytes_up
         self.bytes_down += bytes_down
-        self.duration_sum += duration
-        for index, bound in enumerate(DURATION_BUCKETS):
-            if duration <= bound:
-                self.buckets[index] += 1
-                break
+        self.durations.observe(duration)
 
 
 class Proxy(object):
@@ -4066,7 +4081,7 @@ class Proxy(object):
         with self.lock:
             if member is None:
                 state.queue_timeouts += session.abort_reason is None and reason == BUSY
-            state.observe_queued(time.monotonic() - started)
+            state.queued.observe(time.monotonic() - started)
             head = state.queue and state.queue[0] is ticket
             state.queue.remove(ticket)
             if state.queue and (head or member is not None):
@@ -4422,15 +4437,8 @@ class Proxy(object):
             out.append("# HELP agiproxy_pool_queued_seconds Time sessions waited in the pool's queue.\n"
                        "# TYPE agiproxy_pool_queued_seconds histogram\n")
             for pool in pools:
-                state, cumulative = pool.state, 0
                 name = pool.name.replace("\\", "\\\\").replace('"', '\\"')
-                for bound, count in zip(QUEUE_BUCKETS, state.queue_buckets):
-                    cumulative += count
-                    out.append('agiproxy_pool_queued_seconds_bucket{pool="%s",le="%r"} %d\n'
-                               % (name, float(bound), cumulative))
-                out.append('agiproxy_pool_queued_seconds_bucket{pool="%s",le="+Inf"} %d\n' % (name, state.queued))
-                out.append('agiproxy_pool_queued_seconds_sum{pool="%s"} %.6f\n' % (name, state.queue_seconds))
-                out.append('agiproxy_pool_queued_seconds_count{pool="%s"} %d\n' % (name, state.queued))
+                out += pool.state.queued.lines("pool_queued_seconds", 'pool="%s",' % name)
             labels = [(("pool", p.name), ("server", m.name)) for p, m in members]
             metric("server_up", "gauge", "1 when the server takes sessions.",
                    [(l, int(m.state.up)) for l, (p, m) in zip(labels, members)])
@@ -4448,17 +4456,9 @@ class Proxy(object):
                    [(l, m.state.sessions) for l, (p, m) in zip(labels, members)])
             metric("server_connect_failures_total", "counter", "Failed connects per server.",
                    [(l, m.state.connect_failures) for l, (p, m) in zip(labels, members)])
-            cumulative, samples = 0, []
-            for bound, count in zip(DURATION_BUCKETS, stats.buckets):
-                cumulative += count
-                samples.append(((("le", repr(float(bound))),), cumulative))
-            samples.append(((("le", "+Inf"),), stats.sessions))
             out.append("# HELP agiproxy_session_duration_seconds Length of relayed sessions.\n"
                        "# TYPE agiproxy_session_duration_seconds histogram\n")
-            for labels_, value in samples:
-                out.append('agiproxy_session_duration_seconds_bucket{le="%s"} %d\n' % (labels_[0][1], value))
-            out.append("agiproxy_session_duration_seconds_sum %.6f\n" % stats.duration_sum)
-            out.append("agiproxy_session_duration_seconds_count %d\n" % stats.sessions)
+            out += stats.durations.lines("session_duration_seconds")
             metric("config_reloads_total", "counter", "Successful configuration reloads.", [((), stats.reloads)])
             metric("config_last_reload_success", "gauge", "1 when the last reload worked.", [((), stats.reload_ok)])
             metric("log_dropped_total", "counter", "Log lines dropped because the log could not keep up.",

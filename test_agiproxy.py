@@ -119,6 +119,16 @@ def read_header_bytes(sock, deadline):
     return buffer[:end], buffer[end:]
 
 
+def close_listening(sock):
+    """Close a test server's listening socket; shutdown() first, because close() alone does
+    not wake a thread blocked in its accept() on Linux."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
 class FakeServer(object):
     """A FastAGI server on loopback, serving each connection in its own thread.
 
@@ -202,11 +212,7 @@ class FakeServer(object):
     def stop(self):
         self.stopping = True
         self.release.set()
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)    # close() alone does not wake accept() on Linux
-        except OSError:
-            pass
-        self.sock.close()
+        close_listening(self.sock)
         for thread in self.threads:
             thread.join(TIMEOUT)
 
@@ -1337,12 +1343,8 @@ class BlackHole(object):
 
 
 def close_listener(server):
-    """Make FakeServer *server* refuse connects.  shutdown() wakes its accept(); close() alone does not."""
-    try:
-        server.sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    server.sock.close()
+    """Make FakeServer *server* refuse connects."""
+    close_listening(server.sock)
     server.acceptor.join(TIMEOUT)
 
 
@@ -5981,11 +5983,7 @@ class FakeDns(object):
     def stop(self):
         self.stopping = True
         self.udp.close()
-        try:
-            self.tcp.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.tcp.close()
+        close_listening(self.tcp)
         for thread in self.threads:
             thread.join(TIMEOUT)
 
@@ -6597,11 +6595,7 @@ class FakeAgent(object):
             self.asked += 1
 
     def stop(self):
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
+        close_listening(self.sock)
         self.thread.join(TIMEOUT)
 
 
